@@ -1,0 +1,168 @@
+"""The reward contract, defined once for every reward in metacot.
+
+A reward is a plain callable ``reward(batch: RewardBatch) -> list[float | None]``: one entry per sample, ``None``
+meaning "no score for this sample" (a judge reply without a score, say). A ``None`` sample drops out of its group's
+statistics in Flow-GRPO; it is never replaced by 0 or a neutral value, which would quietly bias the advantages.
+Each reward documents its scale in its docstring and in a ``scale`` attribute ``(low, high)``.
+
+Rewards are named in configs either by a short built-in name (:data:`BUILTIN`) or a dotted import path
+(``package.module:attr`` or ``package.module.attr``). A class is instantiated with the keyword arguments given in the
+config; a function is used as is. :class:`WeightedReward` combines several with weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+    from metacot.cot import MetaCoT
+
+
+@dataclass
+class RewardBatch:
+    """What every reward receives.
+
+    Attributes:
+        source_images: the unedited inputs, PIL RGB.
+        edited_images: the model's outputs, PIL RGB, same length.
+        instructions: the editing instructions.
+        cots: the Meta-CoT records the edits were conditioned on (None where a sample has none).
+        extras: further per-sample columns by name (e.g. ``ids``, ``categories``, ``target_images``,
+            ``scene_before``, ``scene_after``); each a list of the batch's length.
+    """
+
+    source_images: Sequence["Image.Image"]
+    edited_images: Sequence["Image.Image"]
+    instructions: Sequence[str]
+    cots: Sequence["MetaCoT | None"]
+    extras: dict[str, Sequence[Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.edited_images)
+        lengths = {
+            "source_images": len(self.source_images),
+            "instructions": len(self.instructions),
+            "cots": len(self.cots),
+            **{f"extras[{k!r}]": len(v) for k, v in self.extras.items()},
+        }
+        wrong = {k: v for k, v in lengths.items() if v != n}
+        if wrong:
+            raise ValueError(f"RewardBatch columns must all have {n} entries (edited_images); got {wrong}")
+
+    def __len__(self) -> int:
+        return len(self.edited_images)
+
+
+RewardFn = Callable[[RewardBatch], list[float | None]]
+
+# Short names for the rewards that ship with metacot.
+BUILTIN: dict[str, str] = {
+    "brightness": "rewards.simple:brightness",
+    "target_similarity": "rewards.simple:target_similarity",
+    "cec_rule": "rewards.rule_judge:CECRuleJudge",
+    "cec_vlm": "rewards.cec:CECJudge",
+}
+
+
+def import_object(path: str) -> Any:
+    """Import ``package.module:attr`` or ``package.module.attr``.
+
+    Raises:
+        ImportError: the module or attribute does not exist; the message shows what was tried.
+    """
+    if ":" in path:
+        module_name, attr = path.split(":", 1)
+    else:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        raise ImportError(f"{path!r} is not a dotted import path; write package.module:name")
+    module = importlib.import_module(module_name)
+    try:
+        return getattr(module, attr)
+    except AttributeError as exc:
+        raise ImportError(f"module {module_name!r} has no attribute {attr!r} (from {path!r})") from exc
+
+
+def build_reward(spec: str, **kwargs: Any) -> RewardFn:
+    """Resolve a reward by built-in name or dotted path; instantiate classes with ``kwargs``.
+
+    Raises:
+        ValueError: the name is neither built in nor importable, or kwargs were given for a plain function.
+    """
+    path = BUILTIN.get(spec, spec)
+    try:
+        obj = import_object(path)
+    except ImportError as exc:
+        raise ValueError(
+            f"unknown reward {spec!r}: not a built-in ({', '.join(sorted(BUILTIN))}) and not importable ({exc})"
+        ) from exc
+    if isinstance(obj, type):
+        return obj(**kwargs)
+    if kwargs:
+        raise ValueError(f"reward {spec!r} is a function and takes no options; got {sorted(kwargs)}")
+    if not callable(obj):
+        raise ValueError(f"reward {spec!r} resolved to {type(obj).__name__}, which is not callable")
+    return obj
+
+
+class WeightedReward:
+    """Weighted sum of several rewards: ``total = sum_i w_i * r_i``.
+
+    A sample is ``None`` in the total when any component with non-zero weight gave ``None`` for it: a partial sum
+    would be on a different scale than its group's other samples.
+
+    Args:
+        components: name -> (reward callable, weight).
+    """
+
+    def __init__(self, components: Mapping[str, tuple[RewardFn, float]]) -> None:
+        if not components:
+            raise ValueError("WeightedReward needs at least one component reward")
+        self.components = dict(components)
+
+    def __call__(self, batch: RewardBatch) -> list[float | None]:
+        return self.score(batch)[0]
+
+    def score(self, batch: RewardBatch) -> tuple[list[float | None], dict[str, list[float | None]]]:
+        """Return (total per sample, per-component scores per sample)."""
+        parts: dict[str, list[float | None]] = {}
+        for name, (fn, _) in self.components.items():
+            values = list(fn(batch))
+            if len(values) != len(batch):
+                raise ValueError(f"reward {name!r} returned {len(values)} scores for a batch of {len(batch)}")
+            for v in values:
+                if v is not None and not math.isfinite(float(v)):
+                    raise ValueError(f"reward {name!r} returned a non-finite score {v}; return None for no score")
+            parts[name] = [None if v is None else float(v) for v in values]
+        total: list[float | None] = []
+        for i in range(len(batch)):
+            acc = 0.0
+            for name, (_, weight) in self.components.items():
+                v = parts[name][i]
+                if weight == 0:
+                    continue
+                if v is None:
+                    acc = math.nan
+                    break
+                acc += weight * v
+            total.append(None if math.isnan(acc) else acc)
+        return total, parts
+
+
+def build_weighted_reward(specs: Mapping[str, Mapping[str, Any]]) -> WeightedReward:
+    """Build a :class:`WeightedReward` from config: ``{name: {"weight": w, "fn": spec, **kwargs}}``.
+
+    ``fn`` defaults to the component's name, so ``{"brightness": {"weight": 1.0}}`` is enough.
+    """
+    components = {}
+    for name, opts in specs.items():
+        opts = dict(opts)
+        weight = float(opts.pop("weight", 1.0))
+        fn_spec = opts.pop("fn", name)
+        components[name] = (build_reward(fn_spec, **opts), weight)
+    return WeightedReward(components)
