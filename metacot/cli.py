@@ -11,7 +11,7 @@ import sys
 
 # command -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("data_recipes.cli", "build Meta-CoT datasets (synth: procedural scene edits with exact ground truth)"),
+    "data": ("data_recipes.cli", "Meta-CoT data: synth, synth-hypothetical, import, annotate (served VLM), mix, check"),
     "models": ("metacot.models.cli", "build tiny local models (tiny: Qwen2.5-VL + QwenImage edit pipeline folders)"),
     "sft": ("metacot.sft.cli", "Stage 1: SFT of the understanding and generation experts"),
     "grpo": ("metacot.flow_grpo.cli", "Stage 2: Flow-GRPO of the generation expert on early denoising steps"),

@@ -11,6 +11,8 @@ Edit record (one edit, one step of an edit chain, or a whole chain)::
      "chain_id": null | "c00003", "chain_step": null | 0..L, "split": "train" | "val" | "test"}
 
 ``meta_tasks`` repeats ``cot.meta_tasks`` (so data can be filtered without reading CoTs) and must equal it.
+``cot`` may be null for a record not annotated yet (imported data); its ``meta_tasks`` is then ``[]``. Stage 1 refuses
+such records unless it trains the no-CoT baseline; ``metacot data annotate`` fills them in.
 Chains: steps 1..L edit the image of step k-1 into step k; ``chain_step`` 0 is the whole chain (source = first
 image, target = last image, one composite instruction). ``chain_id`` and ``chain_step`` are both null or both set.
 
@@ -90,7 +92,7 @@ class EditRecord:
     source_image: str
     instruction: str
     target_image: str
-    cot: MetaCoT
+    cot: MetaCoT | None  # None: not annotated yet (imported data; `metacot data annotate` writes it)
     category: str
     meta_tasks: tuple[MetaTask, ...]
     scene_before: dict[str, Any] | None
@@ -201,7 +203,7 @@ def record_to_json(record: Record, base: Path | None = None) -> dict[str, Any]:
     for name in _FIELDS[kind]:
         value = getattr(record, name)
         if name == "cot":
-            value = to_dict(value)
+            value = None if value is None else to_dict(value)
         elif name == "meta_tasks":
             value = [m.value for m in value]
         elif name in _IMAGE_FIELDS[kind] and base is not None and os.path.isabs(value):
@@ -249,10 +251,11 @@ def _common_problems(values: dict[str, Any], kind: str) -> list[str]:
 
 def _edit_problems(values: dict[str, Any]) -> list[str]:
     problems = []
-    try:
-        values["cot"] = from_dict(values["cot"])
-    except CoTParseError as err:
-        problems.append(str(err))
+    if values["cot"] is not None:
+        try:
+            values["cot"] = from_dict(values["cot"])
+        except CoTParseError as err:
+            problems.append(str(err))
     meta = values["meta_tasks"]
     try:
         values["meta_tasks"] = tuple(MetaTask(m) for m in meta) if isinstance(meta, list) else None
@@ -262,6 +265,8 @@ def _edit_problems(values: dict[str, Any]) -> list[str]:
         problems.append(f"meta_tasks: must be a list of {', '.join(m.value for m in MetaTask)}, got {meta!r:.80}")
     elif isinstance(values["cot"], MetaCoT) and values["meta_tasks"] != values["cot"].meta_tasks:
         problems.append(f"meta_tasks: {meta} differs from cot.meta_tasks; they must be equal")
+    elif values["cot"] is None and values["meta_tasks"]:
+        problems.append(f"meta_tasks: {meta} given without a cot; leave it [] until the record is annotated")
     for name in ("scene_before", "scene_after"):
         if values[name] is not None:
             problems += validate_scene(values[name], name)
