@@ -57,19 +57,28 @@ def atomic_dir(dest: Path, *, overwrite: bool = False, meta: dict[str, Any] | No
     tmp.mkdir()
     try:
         yield tmp
-        marker = {"complete": True, "time": time.time(), **(meta or {})}
-        (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2))
-        _fsync_dir(tmp)
-        if dest.exists():
-            old = dest.parent / f".old-{dest.name}-{os.getpid()}"
-            os.rename(dest, old)
-            os.rename(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dest)
+        commit_dir(tmp, dest, meta)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def commit_dir(tmp: Path, dest: Path, meta: dict[str, Any] | None = None) -> None:
+    """Mark the filled temporary folder ``tmp`` complete and rename it to ``dest`` (replacing an old ``dest``).
+
+    Used directly where several processes fill one folder (DeepSpeed's collective checkpoint save): every rank
+    writes into ``tmp``, then the main rank commits it.
+    """
+    marker = {"complete": True, "time": time.time(), **(meta or {})}
+    (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2))
+    _fsync_dir(tmp)
+    if dest.exists():
+        old = dest.parent / f".old-{dest.name}-{os.getpid()}"
+        os.rename(dest, old)
+        os.rename(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dest)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -93,11 +102,17 @@ class Run:
         cfg: the resolved config dataclass, saved as ``config.yaml``.
         resume: continuing an existing run is allowed. Without it, a folder that already has checkpoints is refused
             so that a run never overwrites another by accident.
+        writer: False on the non-main ranks of a distributed run: they use the paths but write nothing.
     """
 
-    def __init__(self, root: str | Path, cfg: Any, *, resume: bool = False) -> None:
+    def __init__(self, root: str | Path, cfg: Any, *, resume: bool = False, writer: bool = True) -> None:
         self.root = Path(root)
         self.cfg = cfg
+        self.writer = writer
+        self._metrics: Any = None
+        self._wandb: Any = None
+        if not writer:
+            return
         has_state = (self.root / "checkpoints").is_dir() and any(
             is_complete(p) for p in (self.root / "checkpoints").iterdir()
         )
@@ -117,7 +132,6 @@ class Run:
         else:
             config_path.write_text(config_text)
         self._metrics = open(self.root / "metrics.jsonl", "a", encoding="utf-8")
-        self._wandb: Any = None
 
     # -- paths ---------------------------------------------------------------------------------------------------
     @property
@@ -138,6 +152,8 @@ class Run:
 
         Non-finite floats are written as null so the file stays valid JSON.
         """
+        if not self.writer:
+            return
         row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
@@ -181,7 +197,8 @@ class Run:
             shutil.rmtree(path, ignore_errors=True)
 
     def close(self) -> None:
-        self._metrics.close()
+        if self._metrics is not None:
+            self._metrics.close()
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None

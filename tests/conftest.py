@@ -31,3 +31,23 @@ def require(condition: bool, why: str) -> None:
 def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder shared by the whole test session (tiny models, datasets)."""
     return tmp_path_factory.mktemp("session")
+
+
+# Area fixtures live in tests/fixtures_<area>.py; importing their public names here registers them for every test.
+FIXTURE_MODULES = ("fixtures_models", "fixtures_data", "fixtures_runs", "fixtures_vllm", "fixtures_slurm")
+
+
+def _register_fixture_modules() -> None:
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    for name in FIXTURE_MODULES:
+        if not (Path(__file__).parent / f"{name}.py").is_file():
+            continue
+        module = importlib.import_module(name)
+        globals().update({k: v for k, v in vars(module).items() if not k.startswith("_") and callable(v)
+                          and getattr(v, "__module__", name) == name})
+
+
+_register_fixture_modules()

@@ -18,7 +18,7 @@ from data_recipes.importers import (
     parse_maps,
     read_dataset,
 )
-from metacot.cot.schema import DataError, EditRecord, UnderstandingRecord, load_records
+from metacot.cot.schema import EditRecord, UnderstandingRecord, load_records
 
 
 def png(color: tuple[int, int, int], size: tuple[int, int] = (20, 12)) -> bytes:

@@ -1,0 +1,1 @@
+"""Evaluation against ground truth and baselines (see :mod:`metacot.eval.runner`)."""

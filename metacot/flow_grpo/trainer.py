@@ -1,0 +1,564 @@
+"""Stage 2 Flow-GRPO: tune the generation expert on early (high-noise) denoising steps with a CEC reward.
+
+Starting from a Stage 1 ``final/`` folder, the understanding side (the VLM: CoT writer and condition encoder) is
+frozen and the QwenImage MMDiT is tuned (LoRA or full) with GRPO on a stochastic version of the flow sampler:
+
+1. ``rollout``: per prompt (source image + instruction + Meta-CoT from the data or written by the frozen expert),
+   ``G`` samples; SDE steps only inside this iteration's window (drawn from the run seed and the iteration, shared
+   by every rank and group), ODE elsewhere; rewards of each rollout batch are computed in worker threads while the
+   next batch samples (on-policy: training waits until the iteration's rewards are in).
+2. ``advantages``: rewards gathered from all ranks, normalised per group (``metacot.flow_grpo.math``); a sample
+   without a score drops out of its group; zero-spread groups are counted and carry no gradient.
+3. ``train_policy``: clipped-ratio GRPO loss on each window step's log-prob (``metacot.flow_grpo.sde``), optional KL
+   to the reference policy on the SDE means (LoRA: adapters disabled; full: a frozen copy of the MMDiT only),
+   gradients accumulated over samples and window steps, ``inner_epochs`` passes, optional EMA.
+4. ``maybe_evaluate`` on fixed held-out prompts with a measure other than the reward, ``maybe_save_checkpoint``.
+
+Launch: ``metacot grpo --config tiny`` (CPU, in-process DeepSpeed at world size 1); N GPUs: ``accelerate launch
+--num_processes N -m metacot.flow_grpo.cli --config FILE``; SLURM with judge nodes: ``metacot launch slurm grpo``.
+Left out on purpose: sequence-parallel rollouts, reward models inside the trainer process (judges are servers).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from metacot.cot import render
+from metacot.cot.schema import EditRecord, load_records
+from metacot.final import FROZEN, consolidate, write_final
+from metacot.flow_grpo.config import GRPOConfig
+from metacot.flow_grpo.gate import check_calibration_gate
+from metacot.flow_grpo.math import draw_window, ema_update, group_advantages, grpo_policy_loss, kl_to_reference
+from metacot.flow_grpo.rollout import Conditions, Trajectory, decode, sample_with_window, score_step
+from metacot.flow_grpo.sde import default_clip_range
+from metacot.models.conditioning import NEGATIVE_PROMPT, build_prompt, encode_conditions
+from metacot.models.loading import EditingModel, load_editing_model
+from metacot.models.sampler import encode_latents, sigma_schedule
+from metacot.run import Run
+from metacot.training import (
+    Preempted,
+    StopFlag,
+    build_accelerator,
+    seed_everything,
+    epoch_batch_indices,
+    load_training_state,
+    lr_lambda,
+    plot_metrics,
+    prepare_expert,
+    release_accelerator,
+    save_checkpoint,
+    step_generator,
+    trainable_parameters,
+)
+from metacot.understanding import write_cots
+from rewards.contract import RewardBatch, WeightedReward, build_reward, build_weighted_reward
+
+
+@dataclass
+class Prompt:
+    """One editing prompt of the GRPO data, decoded once."""
+
+    record: EditRecord
+    source: Image.Image
+    target: Image.Image | None
+    cot: Any  # MetaCoT or None
+    cot_text: str | None
+
+
+@dataclass
+class GRPOState:
+    cfg: GRPOConfig
+    run: Run
+    accelerator: Any
+    policy: Any  # the prepared (DeepSpeed) MMDiT, LoRA-wrapped or full
+    optimizer: Any
+    scheduler: Any
+    base: EditingModel
+    prompts: list[Prompt]
+    eval_prompts: list[Prompt]
+    reward: WeightedReward
+    eval_metric: Any
+    reference: Any  # frozen MMDiT copy for the KL under full tuning, else None
+    ema: list[torch.Tensor] | None
+    device: torch.device
+    grad_accum: int
+    iteration: int = 0
+    optimizer_step: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# -- setup -----------------------------------------------------------------------------------------------------------
+
+def _load_prompts(path: str, base: EditingModel, cfg: GRPOConfig, limit: int | None = None) -> list[Prompt]:
+    records = [r for r in load_records(path, check_images=True) if isinstance(r, EditRecord)]
+    if limit is not None:
+        records = records[:limit]
+    if not records:
+        raise ValueError(f"{path}: no edit records; Flow-GRPO needs (source image, instruction) prompts")
+    res = cfg.data.resolution
+
+    def load(p: Any) -> Image.Image | None:
+        if p is None:
+            return None
+        with Image.open(p) as img:
+            return img.convert("RGB").resize((res, res), Image.Resampling.BICUBIC)
+
+    prompts = [Prompt(r, load(r.source_image), load(r.target_image), r.cot,
+                      render(r.cot) if r.cot is not None else None) for r in records]
+    if cfg.data.cot_source == "model":
+        written = write_cots(base.vlm, base.processor, [p.source for p in prompts],
+                             [p.record.instruction for p in prompts], max_new_tokens=cfg.data.max_cot_tokens)
+        for p, w in zip(prompts, written):
+            p.cot, p.cot_text = w.parsed.cot, (w.text or None)
+    missing = [p.record.id for p in prompts if p.cot_text is None]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} prompts have no Meta-CoT ({', '.join(missing[:10])}); annotate "
+                         f"them, or set data.cot_source=model to let the understanding expert write them")
+    return prompts
+
+
+def build_rewards(cfg: GRPOConfig) -> WeightedReward:
+    """The weighted training reward; VLM-judge components get the ``judge`` block as constructor options."""
+    specs = {}
+    for name, opts in cfg.rewards.items():
+        opts = dict(opts or {})
+        if opts.get("fn", name) == "cec_vlm":
+            judge = cfg.judge
+            for key, value in (("url", judge.url), ("model", judge.model), ("prompt", judge.prompt),
+                               ("mode", judge.mode)):
+                opts.setdefault(key, value)
+        specs[name] = opts
+    return build_weighted_reward(specs)
+
+
+def setup(cfg: GRPOConfig) -> GRPOState:
+    """Load the Stage 1 model, data and rewards; check the gate; wrap the MMDiT; build DeepSpeed; resume."""
+    seed_everything(cfg.train.seed)  # adapter initialisation draws from the global RNG
+    device = cfg.train.resolved_device()
+    dtype = torch.bfloat16 if cfg.train.resolved_precision() == "bf16" else torch.float32
+    base = load_editing_model(cfg.model, device=device, dtype=dtype)
+    base.vlm.requires_grad_(False)
+    base.vae.requires_grad_(False)
+    gate = check_calibration_gate(cfg)
+    prompts = _load_prompts(cfg.data.train, base, cfg)
+    eval_prompts = _load_prompts(cfg.data.eval or cfg.data.train, base, cfg, limit=cfg.eval.prompts)
+    reward = build_rewards(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_rank = cfg.samples_per_iteration // world
+    if cfg.rollout.prompts_per_iteration % world or per_rank % (cfg.policy.micro_batch_size
+                                                                * cfg.policy.updates_per_epoch):
+        raise ValueError(
+            f"rollout.prompts_per_iteration={cfg.rollout.prompts_per_iteration} must be a multiple of the "
+            f"{world} processes (a group never spans ranks), and each rank's {per_rank} samples must split into "
+            f"policy.updates_per_epoch x policy.micro_batch_size")
+    grad_accum = per_rank // (cfg.policy.micro_batch_size * cfg.policy.updates_per_epoch) * cfg.rollout.window_size
+    reference = None
+    if cfg.policy.kl_beta > 0 and cfg.generation.mode == "full":
+        reference = copy.deepcopy(base.transformer).requires_grad_(False).eval()
+    policy = prepare_expert(base.transformer, cfg.generation, cfg.generation.lora.target_modules)
+    if cfg.generation.gradient_checkpointing:
+        (policy.base_model.model if cfg.generation.mode == "lora" else policy).enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=cfg.generation.lr,
+                                  weight_decay=cfg.generation.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.lr_schedule))
+    accelerator = build_accelerator(cfg.train, micro_batch=cfg.policy.micro_batch_size, grad_accum=grad_accum)
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    run = Run(cfg.output_dir, cfg, resume=cfg.train.resume, writer=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        (run.root / "gate.json").write_text(json.dumps(gate, indent=2))
+    ema = None
+    if cfg.policy.ema_decay > 0:
+        ema = [p.detach().clone().float() for p in trainable_parameters(accelerator.unwrap_model(policy))]
+    state = GRPOState(cfg, run, accelerator, policy, optimizer, scheduler, base, prompts, eval_prompts, reward,
+                      build_reward(cfg.eval.metric), reference, ema, device, grad_accum)
+    latest = run.latest_checkpoint() if cfg.train.resume else None
+    if latest is not None:
+        saved = load_training_state(accelerator, latest)
+        state.iteration, state.optimizer_step = int(saved["step"]), int(saved["optimizer_step"])
+        if ema is not None:
+            loaded = torch.load(latest / "ema.pt", weights_only=True)
+            for dst, src in zip(ema, loaded):
+                dst.copy_(src)
+        accelerator.print(f"resumed from {latest} at iteration {state.iteration}")
+    if cfg.train.wandb_mode != "disabled" and accelerator.is_main_process:
+        run.init_wandb(cfg.train.wandb_project, mode=cfg.train.wandb_mode)
+    if gate.get("override"):
+        run.log(state.iteration, calibration_gate_override=1)
+    return state
+
+
+# -- rollout ---------------------------------------------------------------------------------------------------------
+
+def _conditions(state: GRPOState, prompts: list[Prompt]) -> Conditions:
+    """Encode each prompt once (frozen VLM), plus the CFG negative branch and the source latents."""
+    base, cfg = state.base, state.cfg
+    sources = [p.source for p in prompts]
+    texts = [build_prompt(p.record.instruction, p.cot_text) for p in prompts]
+    with torch.no_grad():
+        embeds, mask = encode_conditions(base.vlm, base.processor, sources, texts)
+        neg_embeds = neg_mask = None
+        if cfg.rollout.cfg_scale > 1:
+            neg_embeds, neg_mask = encode_conditions(base.vlm, base.processor, sources,
+                                                     [NEGATIVE_PROMPT] * len(prompts))
+        latents = encode_latents(base, sources).to(state.device)
+    return Conditions(embeds, mask, neg_embeds, neg_mask, latents)
+
+
+def _reward_batch(prompts: list[Prompt], images: list[Image.Image]) -> RewardBatch:
+    recs = [p.record for p in prompts]
+    return RewardBatch([p.source for p in prompts], images, [r.instruction for r in recs], [p.cot for p in prompts],
+                       extras={"ids": [r.id for r in recs], "categories": [r.category for r in recs],
+                               "target_images": [p.target for p in prompts],
+                               "scene_before": [r.scene_before for r in recs],
+                               "scene_after": [r.scene_after for r in recs]})
+
+
+def rollout(state: GRPOState, pool: ThreadPoolExecutor) -> dict[str, Any]:
+    """Sample this rank's groups for the iteration; rewards are computed in ``pool`` as batches finish."""
+    cfg, acc = state.cfg, state.accelerator
+    r = cfg.rollout
+    it = state.iteration
+    chosen = epoch_batch_indices(len(state.prompts), r.prompts_per_iteration, it, cfg.train.seed)
+    mine = chosen[acc.process_index:: acc.num_processes]  # whole groups per rank
+    prompts = [state.prompts[i] for i in mine]
+    cond = _conditions(state, prompts)
+    G, n = r.group_size, len(prompts) * r.group_size
+    owner = torch.arange(len(prompts), device=state.device).repeat_interleave(G)  # prompt of each sample
+    cond = cond.select(owner)
+    res = cfg.data.resolution
+    gen = step_generator(cfg.train.seed, it, stream=1 + acc.process_index, device="cpu")
+    seq, channels = cond.image_latents.shape[1], cond.image_latents.shape[2]
+    noise_shape = (len(prompts) if r.same_initial_noise else n, seq, channels)
+    x_init = torch.randn(noise_shape, generator=gen).to(state.device, cond.image_latents.dtype)
+    if r.same_initial_noise:
+        x_init = x_init[owner.cpu()]
+    sigmas = [float(s) for s in sigma_schedule(state.base, r.num_steps, seq)]
+    window = draw_window(r.num_steps, r.window_size, r.window_max, cfg.train.seed, it)
+    # The SDE noise is drawn where the latents live (sde_step_with_logprob needs a generator on their device; a CPU
+    # generator fails on GPU); its own stream keeps it independent of the initial noise drawn above.
+    sde_gen = step_generator(cfg.train.seed, it, stream=20_000 + acc.process_index, device=state.device)
+    policy = state.accelerator.unwrap_model(state.policy)
+    trajs: list[Trajectory] = []
+    futures: list[Future] = []
+    t0 = time.perf_counter()
+    for start in range(0, n, r.batch_size):
+        idx = torch.arange(start, min(n, start + r.batch_size), device=state.device)
+        traj = sample_with_window(state.base, policy, x_init[idx], cond.select(idx), sigmas, window, size=res,
+                                  cfg_scale=r.cfg_scale, noise_level=r.noise_level, sde_type=r.sde_type,
+                                  generator=sde_gen)
+        trajs.append(traj)
+        images = decode(state.base, traj.final, res, res)
+        batch_prompts = [prompts[int(owner[i])] for i in idx.tolist()]
+        futures.append(pool.submit(state.reward.score, _reward_batch(batch_prompts, images)))
+    t_sample = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    totals: list[float | None] = []
+    parts: dict[str, list[float | None]] = {}
+    deadline = time.monotonic() + cfg.reward_timeout_s
+    for fut in futures:
+        try:
+            total, comp = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+        except TimeoutError as exc:
+            raise TimeoutError(f"rewards of iteration {it} not ready within reward_timeout_s="
+                               f"{cfg.reward_timeout_s}s; is the judge server alive and fast enough?") from exc
+        totals += total
+        for k, v in comp.items():
+            parts.setdefault(k, []).extend(v)
+    state.timings = {"time_rollout": t_sample, "time_reward_wait": time.perf_counter() - t1}
+    cat = lambda name: torch.cat([getattr(t, name) for t in trajs], dim=-3 if name == "final" else 1)  # noqa: E731
+    return {"cond": cond, "window": window, "sigmas": sigmas, "prompt_ids": torch.tensor(mine)[owner.cpu()],
+            "latents": cat("latents"), "next_latents": cat("next_latents"),
+            "log_probs": torch.cat([t.log_probs for t in trajs], dim=1), "rewards": totals, "reward_parts": parts}
+
+
+def compute_advantages(state: GRPOState, ro: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Gather rewards and group ids from all ranks, normalise per group, return this rank's advantages."""
+    acc, p = state.accelerator, state.cfg.policy
+    rewards = torch.tensor([float("nan") if v is None else v for v in ro["rewards"]], dtype=torch.float64,
+                           device=state.device)
+    groups = ro["prompt_ids"].to(state.device)
+    all_rewards, all_groups = acc.gather(rewards), acc.gather(groups)
+    adv, stats = group_advantages(all_rewards, all_groups, std_mode=p.std_mode, clip=p.adv_clip)
+    n = rewards.shape[0]
+    mine = adv.view(acc.num_processes, n)[acc.process_index]
+    scored = all_rewards[~torch.isnan(all_rewards)]
+    stats = {**stats, "reward_mean": float(scored.mean()) if scored.numel() else float("nan"),
+             "reward_std": float(scored.std()) if scored.numel() > 1 else 0.0,
+             "reward_none": int(torch.isnan(all_rewards).sum()),
+             "adv_mean": float(adv.mean()), "adv_abs_mean": float(adv.abs().mean()), "adv_max": float(adv.max())}
+    for name, values in ro["reward_parts"].items():
+        v = torch.tensor([float("nan") if x is None else x for x in values], dtype=torch.float64, device=state.device)
+        v = acc.gather(v)
+        v = v[~torch.isnan(v)]
+        stats[f"reward_{name}_mean"] = float(v.mean()) if v.numel() else float("nan")
+        stats[f"reward_{name}_std"] = float(v.std()) if v.numel() > 1 else 0.0
+    return mine.to(torch.float32), stats
+
+
+# -- policy update -----------------------------------------------------------------------------------------------------
+
+def _scores(state: GRPOState, module: Any, ro: dict[str, Any], idx: torch.Tensor, j: int) -> tuple[torch.Tensor, ...]:
+    r = state.cfg.rollout
+    s, s_next = ro["sigmas"][ro["window"][j]], ro["sigmas"][ro["window"][j] + 1]
+    return score_step(state.base, module, ro["latents"][j][idx], ro["next_latents"][j][idx], ro["cond"].select(idx),
+                      s, s_next, size=state.cfg.data.resolution, cfg_scale=r.cfg_scale, noise_level=r.noise_level,
+                      sde_type=r.sde_type)
+
+
+def _epoch_order(state: GRPOState, n: int, epoch: int) -> torch.Tensor:
+    gen = step_generator(state.cfg.train.seed, state.iteration, stream=10_000 + epoch)
+    return torch.randperm(n, generator=gen).to(state.device)
+
+
+def train_policy(state: GRPOState, ro: dict[str, Any], adv: torch.Tensor) -> dict[str, float]:
+    """GRPO updates over the iteration's samples; returns averaged loss statistics."""
+    cfg, acc = state.cfg, state.accelerator
+    p, r = cfg.policy, cfg.rollout
+    n, W = adv.shape[0], len(ro["window"])
+    mb = p.micro_batch_size
+    clip = p.clip_range if p.clip_range is not None else default_clip_range(r.sde_type)
+    policy = acc.unwrap_model(state.policy)
+    old = ro["log_probs"]
+    if p.old_logprob == "recompute":
+        # Same micro-batches, same module, same autograd mode as the first update (kernels may differ between grad
+        # and no-grad forwards), so the first inner step's ratio is exactly 1; the graphs are dropped at once.
+        old = torch.empty_like(old)
+        order = _epoch_order(state, n, 0)
+        for start in range(0, n, mb):
+            idx = order[start:start + mb]
+            for j in range(W):
+                old[j, idx] = _scores(state, state.policy, ro, idx, j)[0].detach().to(old.dtype)
+    sums: dict[str, float] = {}
+    count = 0
+    chunk = n // p.updates_per_epoch
+    state.policy.train()
+    for epoch in range(p.inner_epochs):
+        order = _epoch_order(state, n, epoch)
+        for start in range(0, n, mb):
+            idx = order[start:start + mb]
+            for j in range(W):
+                # accumulate(): only every grad_accum-th backward (samples x window steps of one update) is a
+                # boundary at which accelerate / DeepSpeed apply the optimizer.
+                with acc.accumulate(state.policy):
+                    logp, mean, std = _scores(state, state.policy, ro, idx, j)
+                    loss, stats = grpo_policy_loss(logp, old[j, idx].to(logp.dtype), adv[idx].to(logp.dtype), clip,
+                                                   p.clip_range_high)
+                    if p.kl_beta > 0:
+                        kl = _kl(state, policy, ro, idx, j, mean, std)
+                        loss = loss + p.kl_beta * kl.mean()
+                        stats["kl_ref"] = float(kl.mean().detach())
+                    acc.backward(loss)
+                stats["loss"] = float(loss.detach())
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                count += 1
+            if (start + mb) % chunk == 0:
+                _optimizer_step(state)
+    out = {k: v / max(1, count) for k, v in sums.items()}
+    out["clip_range"] = clip
+    return out
+
+
+def _kl(state: GRPOState, policy: Any, ro: dict[str, Any], idx: torch.Tensor, j: int, mean: torch.Tensor,
+        std: torch.Tensor) -> torch.Tensor:
+    """KL to the reference policy on the SDE means: adapters disabled (LoRA) or the frozen copy (full)."""
+    with torch.no_grad():
+        if state.reference is not None:
+            ref_mean = _scores(state, state.reference, ro, idx, j)[1]
+        else:
+            with policy.disable_adapter():
+                ref_mean = _scores(state, policy, ro, idx, j)[1]
+    return kl_to_reference(mean, ref_mean, std)
+
+
+def _optimizer_step(state: GRPOState) -> None:
+    acc, cfg = state.accelerator, state.cfg
+    if acc.distributed_type.name != "DEEPSPEED" and cfg.train.grad_clip > 0:
+        acc.clip_grad_norm_(state.policy.parameters(), cfg.train.grad_clip)
+    state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.optimizer_step += 1
+    if state.ema is not None:
+        ema_update(state.ema, [t.detach().float() for t in trainable_parameters(acc.unwrap_model(state.policy))],
+                   state.cfg.policy.ema_decay)
+
+
+# -- evaluation, checkpoints, final --------------------------------------------------------------------------------
+
+def _swap_ema(state: GRPOState) -> list[torch.Tensor] | None:
+    """Put the EMA weights into the policy; returns the live weights to restore (None without EMA)."""
+    if state.ema is None:
+        return None
+    params = trainable_parameters(state.accelerator.unwrap_model(state.policy))
+    live = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, e in zip(params, state.ema):
+            p.copy_(e.to(p.dtype))
+    return live
+
+
+def _restore(state: GRPOState, live: list[torch.Tensor] | None) -> None:
+    if live is None:
+        return
+    with torch.no_grad():
+        for p, v in zip(trainable_parameters(state.accelerator.unwrap_model(state.policy)), live):
+            p.copy_(v)
+
+
+def evaluate(state: GRPOState) -> dict[str, float]:
+    """ODE edits of the fixed held-out prompts (EMA weights if enabled) scored by the eval metric and the reward."""
+    cfg = state.cfg
+    prompts = state.eval_prompts
+    live = _swap_ema(state)
+    try:
+        policy = state.accelerator.unwrap_model(state.policy)
+        cond = _conditions(state, prompts)
+        seq, channels = cond.image_latents.shape[1:]
+        gen = step_generator(cfg.train.seed, 0, stream=99)  # the same noise at every evaluation
+        x = torch.randn((len(prompts), seq, channels), generator=gen).to(state.device)
+        sigmas = [float(s) for s in sigma_schedule(state.base, cfg.eval.num_steps, seq)]
+        traj = sample_with_window(state.base, policy, x, cond, sigmas, [], size=cfg.data.resolution,
+                                  cfg_scale=cfg.rollout.cfg_scale,
+                                  noise_level=0.0, sde_type=cfg.rollout.sde_type, generator=gen)
+        images = decode(state.base, traj.final, cfg.data.resolution, cfg.data.resolution)
+    finally:
+        _restore(state, live)
+    batch = _reward_batch(prompts, images)
+    metric = [v for v in state.eval_metric(batch) if v is not None]
+    reward = [v for v in state.reward(batch) if v is not None]
+    out = {f"eval_{cfg.eval.metric}": sum(metric) / len(metric) if metric else float("nan"),
+           "eval_reward": sum(reward) / len(reward) if reward else float("nan")}
+    if state.accelerator.is_main_process:
+        _save_grid(state, prompts, images)
+    return out
+
+
+def _save_grid(state: GRPOState, prompts: list[Prompt], images: list[Image.Image]) -> None:
+    """report/eval-<iteration>.png: rows of source | edit | ground truth for the first held-out prompts."""
+    k = min(8, len(prompts))
+    size = state.cfg.data.resolution
+    grid = Image.new("RGB", (3 * size, k * size), "white")
+    for row in range(k):
+        for col, img in enumerate((prompts[row].source, images[row], prompts[row].target)):
+            if img is not None:
+                grid.paste(img.resize((size, size)), (col * size, row * size))
+    grid.save(state.run.report_dir / f"eval-{state.iteration:05d}.png")
+
+
+def maybe_save_checkpoint(state: GRPOState, force: bool = False) -> Path | None:
+    every = state.cfg.train.save_every
+    if not force and not (every and state.iteration % every == 0):
+        return None
+    if (state.run.checkpoints_dir / f"step-{state.iteration}").exists():
+        return None
+    write_ema = None
+    if state.ema is not None:
+        write_ema = lambda folder: torch.save([e.cpu() for e in state.ema], folder / "ema.pt")  # noqa: E731
+    return save_checkpoint(state.accelerator, state.run, state.iteration,
+                           {"optimizer_step": state.optimizer_step}, state.cfg.train.keep_checkpoints, write_ema)
+
+
+def save_final(state: GRPOState) -> Path:
+    """Consolidate the tuned MMDiT (EMA weights if enabled), merge LoRA, write ``RUN/final/``."""
+    cfg, acc = state.cfg, state.accelerator
+    live = _swap_ema(state)
+    try:
+        parts = consolidate(acc, state.policy, cfg.model, FROZEN, cfg.generation, {"transformer": ""})
+    finally:
+        _restore(state, live)
+    if parts is not None:
+        fresh, vlm, transformer = parts
+        upstream = Path(cfg.model)
+        facts = {"stage": "grpo", "base_model": str(cfg.model), "step": state.iteration,
+                 "optimizer_steps": state.optimizer_step, "rewards": dict(cfg.rewards),
+                 "judge": {"model": cfg.judge.model, "prompt": cfg.judge.prompt}, "ema": cfg.policy.ema_decay > 0}
+        if (upstream / "metacot.json").is_file():
+            facts["stage1"] = json.loads((upstream / "metacot.json").read_text())
+        write_final(state.run.final_dir, fresh, vlm, transformer, und=FROZEN, gen=cfg.generation,
+                    condition_with_adapter=True, facts=facts, carry_understanding_from=upstream)
+    acc.wait_for_everyone()
+    return state.run.final_dir
+
+
+# -- the loop ----------------------------------------------------------------------------------------------------------
+
+def iteration_step(state: GRPOState, pool: ThreadPoolExecutor) -> dict[str, Any]:
+    """One GRPO iteration: rollout -> advantages -> policy updates. Returns its metrics."""
+    t0 = time.perf_counter()
+    ro = rollout(state, pool)
+    adv, adv_stats = compute_advantages(state, ro)
+    t1 = time.perf_counter()
+    loss_stats = train_policy(state, ro, adv)
+    state.iteration += 1
+    return {"optimizer_step": state.optimizer_step, **adv_stats, **loss_stats, **state.timings,
+            "time_train": time.perf_counter() - t1, "time_iteration": time.perf_counter() - t0,
+            "window_start": ro["window"][0], "window_end": ro["window"][-1],
+            "lr": float(state.scheduler.get_last_lr()[-1])}
+
+
+def train(cfg: GRPOConfig) -> Path:
+    """Run Stage 2 to ``train.max_steps`` iterations (resuming if possible); returns ``final/``."""
+    state = setup(cfg)
+    acc = state.accelerator
+    bar = None
+    if cfg.train.progress and acc.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.train.max_steps, initial=state.iteration, desc="grpo", dynamic_ncols=True)
+    stop = StopFlag()
+    pool = ThreadPoolExecutor(max_workers=cfg.reward_workers, thread_name_prefix="reward")
+    try:
+        if state.iteration == 0:
+            # Every rank evaluates (a ZeRO-3 forward is collective); only the main rank writes.
+            state.run.log(0, **evaluate(state))
+        while state.iteration < cfg.train.max_steps:
+            if stop.requested:
+                ckpt = maybe_save_checkpoint(state, force=True) or state.run.latest_checkpoint()
+                state.run.log(state.iteration, stopped_by=stop.signal_name)
+                raise Preempted(state.iteration, ckpt)
+            metrics = iteration_step(state, pool)
+            every = cfg.eval.every
+            if (every and state.iteration % every == 0) or state.iteration == cfg.train.max_steps:
+                metrics.update(evaluate(state))
+            if (state.iteration % cfg.train.log_every == 0 or state.iteration == cfg.train.max_steps
+                    or "eval_reward" in metrics):
+                state.run.log(state.iteration, **metrics)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
+            maybe_save_checkpoint(state)
+        maybe_save_checkpoint(state, force=True)
+        final = save_final(state)
+    except BaseException:
+        state.run.close()
+        pool.shutdown(wait=False, cancel_futures=True)
+        release_accelerator(acc)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    pool.shutdown()
+    if acc.is_main_process:
+        rows = state.run.read_metrics()
+        metric = f"eval_{cfg.eval.metric}"
+        plot_metrics(rows, ["reward_mean", "eval_reward", metric, "zero_spread_share", "approx_kl", "clipfrac"],
+                     state.run.report_dir / "reward.png", "Stage 2 Flow-GRPO")
+        first = next((r for r in rows if metric in r), {})
+        last = next((r for r in reversed(rows) if metric in r), {})
+        acc.print(f"grpo done: {state.iteration} iterations; {metric} {first.get(metric)} -> {last.get(metric)}; "
+                  f"eval_reward {first.get('eval_reward')} -> {last.get('eval_reward')} -> {final}")
+    state.run.close()
+    release_accelerator(acc)
+    return final

@@ -1,0 +1,1 @@
+"""Stage 1 SFT of the understanding and generation experts (see :mod:`metacot.sft.trainer`)."""

@@ -1,0 +1,346 @@
+"""Stage 1 SFT: train the understanding expert and the generation expert on Meta-CoT data.
+
+One VLM (Qwen2.5-VL) is both experts' shared context: as the **understanding expert** it learns to write the
+Meta-CoT (next-token loss on the assistant turn only: the CoT given image + instruction, and the answers of the
+visual-understanding samples mixed in); as the **condition encoder** its last hidden states over
+[source image, instruction + Meta-CoT] condition the QwenImage MMDiT, the **generation expert**, trained with the
+rectified-flow loss (velocity target ``noise - x0``) with the source-image latents as edit context.
+
+Why a plain loop and not trl's SFTTrainer: the joint step runs the same VLM twice (LM loss on the CoT, and as the
+encoder whose hidden states feed the MMDiT loss) and back-propagates both losses through it in one optimizer
+step; SFTTrainer owns a single causal-LM loss and cannot host the second model's loss. The loop is the
+open-instruct shape: ``setup`` -> ``train_step`` -> ``maybe_save_checkpoint`` -> ``save_final``.
+
+Launch: ``metacot sft --config tiny`` (CPU, in-process DeepSpeed at world size 1); on N GPUs
+``accelerate launch --num_processes N -m metacot.sft.cli --config FILE``; on SLURM ``metacot launch slurm sft``.
+Left out on purpose: sequence packing, multi-resolution bucketing (one square resolution per run), EMA (Stage 2 has it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from metacot.models.conditioning import NEGATIVE_PROMPT, condition_text_token_counts, encode_conditions
+from metacot.models.loading import EditingModel, load_editing_model
+from metacot.models.sampler import encode_latents, image_shapes
+from metacot.run import Run
+from metacot.sft.config import SFTConfig
+from metacot.sft.data import EditSample, SFTDataset, UnderstandingSample, load_sft_dataset
+from metacot.final import save_final
+from metacot.training import (
+    build_accelerator,
+    seed_everything,
+    epoch_batch_indices,  # noqa: F401  (re-exported for tests of the data order)
+    load_training_state,
+    lr_lambda,
+    Preempted,
+    StopFlag,
+    plot_metrics,
+    prepare_expert,
+    release_accelerator,
+    save_checkpoint,
+    step_generator,
+    trainable_parameters,
+)
+
+DROP_CASES = ("none", "text", "image", "both")
+
+
+class Experts(torch.nn.Module):
+    """The trainable pair as one module, so DeepSpeed shards and checkpoints them together."""
+
+    def __init__(self, vlm: torch.nn.Module, transformer: torch.nn.Module) -> None:
+        super().__init__()
+        self.vlm = vlm
+        self.transformer = transformer
+
+    def forward(self, lm: dict[str, torch.Tensor] | None, gen: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Losses of one micro-batch.
+
+        Args:
+            lm: tokenised chat batch with ``labels`` (-100 outside assistant turns), or None.
+            gen: groups of generation inputs sharing a token layout (with / without image context); each has
+                ``hidden`` [b, N(+N_ctx), C], ``sigma`` [b], ``cond`` [b, L, D], ``mask`` [b, L] | None,
+                ``img_shapes``, ``target`` [b, N, C] (velocity), ``n_target`` (N).
+        """
+        out: dict[str, torch.Tensor] = {}
+        if lm is not None:
+            out["loss_und"] = self.vlm(**lm).loss
+        if gen:
+            total, count = 0.0, 0
+            for g in gen:
+                pred = self.transformer(hidden_states=g["hidden"], timestep=g["sigma"], encoder_hidden_states=g["cond"],
+                                        encoder_hidden_states_mask=g["mask"], img_shapes=g["img_shapes"],
+                                        return_dict=False)[0][:, : g["n_target"]]
+                b = pred.shape[0]
+                total = total + F.mse_loss(pred.float(), g["target"].float()) * b
+                count += b
+            out["loss_gen"] = total / count
+        return out
+
+
+# -- pure pieces -------------------------------------------------------------------------------------------------
+
+def sample_sigmas(n: int, cfg: SFTConfig, gen: torch.Generator) -> torch.Tensor:
+    """Training noise levels sigma in (0, 1) [n]: logit-normal or uniform, then the optional shift."""
+    if cfg.timestep_sampling == "logit_normal":
+        sigma = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(n, generator=gen))
+    else:
+        sigma = torch.rand(n, generator=gen)
+    s = cfg.timestep_shift
+    sigma = s * sigma / (1 + (s - 1) * sigma)
+    return sigma.clamp(1e-4, 1 - 1e-4)
+
+
+def draw_dropout_cases(n: int, cfg: SFTConfig, gen: torch.Generator) -> list[str]:
+    """One CFG-dropout case per sample: "none", "text", "image" or "both", with the configured probabilities."""
+    u = torch.rand(n, generator=gen).tolist()
+    p = cfg.cfg_dropout
+    edges = [p.text, p.text + p.image, p.text + p.image + p.both]
+    return ["text" if x < edges[0] else "image" if x < edges[1] else "both" if x < edges[2] else "none" for x in u]
+
+
+def lm_batch(processor: Any, samples: list[tuple[Any, str, str]], device: torch.device) -> dict[str, torch.Tensor]:
+    """Tokenise (image, user text, assistant text) chats; labels cover the assistant turn only.
+
+    The prompt part's length is measured by tokenising the same chat without the assistant turn (with the
+    generation prompt), so image-token expansion is identical in both.
+    """
+    full, prompts, images = [], [], []
+    for image, user, assistant in samples:
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user}]}]
+        prompts.append(processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+        msgs = msgs + [{"role": "assistant", "content": [{"type": "text", "text": assistant}]}]
+        full.append(processor.apply_chat_template(msgs, tokenize=False))
+        images.append(image)
+    tok = processor.tokenizer
+    side = tok.padding_side
+    tok.padding_side = "right"
+    try:
+        enc = processor(text=full, images=images, padding=True, return_tensors="pt")
+        pre = processor(text=prompts, images=images, padding=True, return_tensors="pt")
+    finally:
+        tok.padding_side = side
+    labels = enc["input_ids"].clone()
+    prompt_lens = pre["attention_mask"].sum(dim=1)
+    for i, n in enumerate(prompt_lens.tolist()):
+        labels[i, :n] = -100
+    labels[enc["attention_mask"] == 0] = -100
+    enc["labels"] = labels
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+# -- orchestration ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class SFTState:
+    cfg: SFTConfig
+    run: Run
+    accelerator: Any
+    experts: Any  # the prepared (DeepSpeed) module
+    optimizer: Any
+    scheduler: Any
+    base: EditingModel  # frozen parts (vae, processor, scheduler) + facts
+    data: SFTDataset
+    device: torch.device
+    grad_accum: int
+    step: int = 0
+
+
+def setup(cfg: SFTConfig) -> SFTState:
+    """Load models and data (validated before any step), wrap with LoRA / freezing, build DeepSpeed, resume."""
+    seed_everything(cfg.train.seed)  # adapter initialisation draws from the global RNG
+    device = cfg.train.resolved_device()
+    dtype = torch.bfloat16 if cfg.train.resolved_precision() == "bf16" else torch.float32
+    base = load_editing_model(cfg.model, device=device, dtype=dtype)
+    data = load_sft_dataset(
+        cfg.data.train, resolution=cfg.data.resolution, no_cot=cfg.no_cot,
+        include_instruction=cfg.include_instruction, use_understanding=cfg.understanding.trainable,
+        text_token_counts=lambda prompts: condition_text_token_counts(base.processor, prompts),
+        max_tokens=cfg.data.max_condition_tokens, on_overlong=cfg.data.on_overlong)
+    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    if cfg.batch_size % (cfg.micro_batch_size * world):
+        raise ValueError(
+            f"batch_size={cfg.batch_size} is not divisible by micro_batch_size x processes = "
+            f"{cfg.micro_batch_size} x {world}; choose batch_size as a multiple of {cfg.micro_batch_size * world}")
+    grad_accum = cfg.batch_size // (cfg.micro_batch_size * world)
+    vlm = prepare_expert(base.vlm, cfg.understanding, cfg.understanding.lora.target_modules)
+    transformer = prepare_expert(base.transformer, cfg.generation, cfg.generation.lora.target_modules)
+    if cfg.understanding.gradient_checkpointing and cfg.understanding.trainable:
+        vlm.gradient_checkpointing_enable()
+    if cfg.generation.gradient_checkpointing and cfg.generation.trainable:
+        transformer.enable_gradient_checkpointing() if hasattr(transformer, "enable_gradient_checkpointing") \
+            else transformer.base_model.model.enable_gradient_checkpointing()
+    base.vae.requires_grad_(False)
+    experts = Experts(vlm, transformer)
+    groups = [{"params": trainable_parameters(m), "lr": c.lr, "weight_decay": c.weight_decay}
+              for m, c in ((vlm, cfg.understanding), (transformer, cfg.generation)) if c.trainable]
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.lr_schedule))
+    accelerator = build_accelerator(cfg.train, micro_batch=cfg.micro_batch_size, grad_accum=grad_accum)
+    experts, optimizer, scheduler = accelerator.prepare(experts, optimizer, scheduler)
+    run = Run(cfg.output_dir, cfg, resume=cfg.train.resume, writer=accelerator.is_main_process)
+    state = SFTState(cfg, run, accelerator, experts, optimizer, scheduler, base, data, device, grad_accum)
+    latest = run.latest_checkpoint() if cfg.train.resume else None
+    if latest is not None:
+        state.step = int(load_training_state(accelerator, latest)["step"])
+        accelerator.print(f"resumed from {latest} at step {state.step}")
+    if cfg.train.wandb_mode != "disabled" and accelerator.is_main_process:
+        run.init_wandb(cfg.train.wandb_project, mode=cfg.train.wandb_mode)
+    if data.skipped_overlong:
+        run.log(state.step, skipped_overlong=len(data.skipped_overlong))
+    return state
+
+
+def _unwrapped(state: SFTState) -> Experts:
+    return state.accelerator.unwrap_model(state.experts)
+
+
+def build_inputs(state: SFTState, edits: list[EditSample], und: list[UnderstandingSample], step: int,
+                 micro: int) -> tuple[dict[str, Any] | None, list[dict[str, Any]], dict[str, int]]:
+    """Tokenise, encode latents and conditions, draw noise / sigma / dropout for one micro-batch."""
+    cfg, base, dev = state.cfg, state.base, state.device
+    experts = _unwrapped(state)
+    lm = None
+    if cfg.understanding.trainable and cfg.und_loss_weight > 0:
+        pairs = [(s.source, s.instruction, s.cot_text) for s in edits if not cfg.no_cot]
+        pairs += [(s.image, s.question, s.answer) for s in und]
+        lm = lm_batch(base.processor, pairs, dev) if pairs else None
+    if not (cfg.generation.trainable or (cfg.understanding.trainable and cfg.train_vlm_through_conditions)) \
+            or cfg.gen_loss_weight == 0:
+        return lm, [], {}
+    gen = step_generator(cfg.train.seed, step, stream=micro)
+    n = len(edits)
+    cases = draw_dropout_cases(n, cfg, gen)
+    sigma = sample_sigmas(n, cfg, gen)
+    with torch.no_grad():
+        x0 = encode_latents(base, [s.target for s in edits]).to(dev)
+        ctx = encode_latents(base, [s.source for s in edits]).to(dev)
+    noise = torch.randn(x0.shape, generator=gen).to(dev, x0.dtype)
+    sig = sigma.to(dev, x0.dtype).view(-1, 1, 1)
+    x_t = (1 - sig) * x0 + sig * noise
+    velocity = noise - x0
+    prompts = [NEGATIVE_PROMPT if c in ("text", "both") else s.condition_prompt for s, c in zip(edits, cases)]
+    drop_image = [c in ("image", "both") for c in cases]
+    encoder = experts.vlm
+    grad_ok = cfg.understanding.trainable and cfg.train_vlm_through_conditions and cfg.condition_with_adapter
+    adapter_off = cfg.understanding.mode == "lora" and not cfg.condition_with_adapter
+    ctx_mgr = encoder.disable_adapter() if adapter_off else contextlib.nullcontext()
+    with ctx_mgr, (contextlib.nullcontext() if grad_ok else torch.no_grad()):
+        cond, mask = encode_conditions(encoder, base.processor, [s.source for s in edits], prompts,
+                                       drop_image=drop_image)
+    shape = image_shapes(base, cfg.data.resolution, cfg.data.resolution)
+    groups = []
+    for with_ctx in (True, False):
+        idx = [i for i in range(n) if drop_image[i] != with_ctx]
+        if not idx:
+            continue
+        ix = torch.tensor(idx, device=dev)
+        hidden = torch.cat([x_t[ix], ctx[ix]], dim=1) if with_ctx else x_t[ix]
+        m = None if mask is None else mask[ix]
+        groups.append({"hidden": hidden, "sigma": sigma.to(dev, x0.dtype)[ix], "cond": cond[ix],
+                       "mask": None if m is None or bool(m.all()) else m,
+                       "img_shapes": [[shape, shape] if with_ctx else [shape]] * len(idx),
+                       "target": velocity[ix], "n_target": x0.shape[1]})
+    counts = {f"drop_{c}": sum(1 for x in cases if x == c) for c in DROP_CASES}
+    return lm, groups, counts
+
+
+def train_step(state: SFTState) -> dict[str, float]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
+    cfg, acc = state.cfg, state.accelerator
+    rank, world = acc.process_index, acc.num_processes
+    per_rank = cfg.batch_size // world
+    edits_all = state.data.edit_batch(state.step, cfg.batch_size, cfg.train.seed)
+    edits = edits_all[rank * per_rank: (rank + 1) * per_rank]
+    n_und = round(cfg.data.understanding_ratio * cfg.batch_size) if cfg.understanding.trainable else 0
+    und_all = state.data.understanding_batch(state.step, n_und, cfg.train.seed)
+    und = und_all[rank::world]
+    sums: dict[str, float] = {}
+    state.experts.train()
+    for micro in range(state.grad_accum):
+        mb = edits[micro * cfg.micro_batch_size: (micro + 1) * cfg.micro_batch_size]
+        ub = und[micro::state.grad_accum]
+        lm, groups, counts = build_inputs(state, mb, ub, state.step, micro + rank * state.grad_accum)
+        # accumulate(): accelerate (and through it DeepSpeed) treats only every grad_accum-th backward as a
+        # gradient-accumulation boundary; without it every micro-batch would take an optimizer step.
+        with acc.accumulate(state.experts):
+            losses = state.experts(lm, groups)
+            loss = sum(w * losses[k] for k, w in (("loss_und", cfg.und_loss_weight),
+                                                  ("loss_gen", cfg.gen_loss_weight)) if k in losses)
+            acc.backward(loss)
+        for k, v in {**{k: float(v.detach()) for k, v in losses.items()}, "loss": float(loss.detach()),
+                     **counts}.items():
+            sums[k] = sums.get(k, 0.0) + v
+    if acc.distributed_type.name != "DEEPSPEED" and cfg.train.grad_clip > 0:
+        acc.clip_grad_norm_(state.experts.parameters(), cfg.train.grad_clip)  # DeepSpeed clips from its config
+    state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    metrics = {k: (v if k.startswith("drop_") else v / state.grad_accum) for k, v in sums.items()}
+    metrics["lr"] = float(state.scheduler.get_last_lr()[-1])
+    return metrics
+
+
+def maybe_save_checkpoint(state: SFTState, force: bool = False) -> Path | None:
+    """Save resumable state every ``save_every`` steps, and when forced (end of run, stop signal)."""
+    every = state.cfg.train.save_every
+    if not force and not (every and state.step % every == 0):
+        return None
+    if (state.run.checkpoints_dir / f"step-{state.step}").exists():
+        return None  # already saved at this step (e.g. save_every hit the last step)
+    return save_checkpoint(state.accelerator, state.run, state.step, {}, state.cfg.train.keep_checkpoints)
+
+
+def train(cfg: SFTConfig) -> Path:
+    """Run Stage 1 to ``train.max_steps`` (resuming if a checkpoint exists); returns the ``final/`` folder."""
+    state = setup(cfg)
+    acc = state.accelerator
+    bar = None
+    if cfg.train.progress and acc.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.train.max_steps, initial=state.step, desc="sft", dynamic_ncols=True)
+    t0, first = time.perf_counter(), state.step
+    stop = StopFlag()
+    try:
+        while state.step < cfg.train.max_steps:
+            if stop.requested:
+                ckpt = maybe_save_checkpoint(state, force=True) or state.run.latest_checkpoint()
+                state.run.log(state.step, stopped_by=stop.signal_name)
+                raise Preempted(state.step, ckpt)
+            metrics = train_step(state)
+            if acc.is_main_process and (state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps):
+                state.run.log(state.step, **metrics, samples_per_s=(state.step - first) * cfg.batch_size
+                              / max(1e-9, time.perf_counter() - t0))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            maybe_save_checkpoint(state)
+        maybe_save_checkpoint(state, force=True)
+        final = save_final(state)
+    except Preempted:
+        state.run.close()
+        release_accelerator(acc)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if acc.is_main_process:
+        rows = state.run.read_metrics()
+        plot_metrics(rows, ["loss", "loss_und", "loss_gen", "lr"], state.run.report_dir / "loss.png", "Stage 1 SFT")
+        summary = {k: rows[-1].get(k) for k in ("loss", "loss_und", "loss_gen")} if rows else {}
+        acc.print(f"sft done: {state.step} steps, final {json.dumps(summary)} -> {final}")
+    state.run.close()
+    release_accelerator(acc)
+    return final

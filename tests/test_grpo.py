@@ -1,0 +1,143 @@
+"""Stage 2 Flow-GRPO on tiny models through real DeepSpeed (ZeRO-2, world size 1, in-process)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import changed_keys, metrics as rows, preempt_at, weights
+from metacot.config import ConfigError, load_config
+from metacot.flow_grpo.config import GRPOConfig
+from metacot.flow_grpo.gate import CalibrationGateError, check_calibration_gate
+from rewards.contract import RewardBatch
+from rewards.simple import brightness
+
+SMALL = ["train.wandb_mode=disabled", "train.progress=false", "train.save_every=0", "rollout.group_size=4",
+         "rollout.prompts_per_iteration=2", "rollout.batch_size=8", "rollout.num_steps=4", "rollout.window_size=2",
+         "rollout.window_max=2", "policy.micro_batch_size=8", "policy.updates_per_epoch=1", "eval.every=0",
+         "eval.prompts=4", "eval.num_steps=4", "rollout.cfg_scale=1.0"]
+
+
+def grpo_cfg(sft_run: Path, data: Path, out: Path, *extra: str) -> GRPOConfig:
+    return load_config(GRPOConfig, "tiny", [f"model={sft_run / 'final'}", f"data.train={data / 'train.jsonl'}",
+                                            f"data.eval={data / 'val.jsonl'}", f"output_dir={out}", *SMALL, *extra],
+                       stage="grpo")
+
+
+def slow_brightness(batch: RewardBatch) -> list[float | None]:
+    """Brightness that takes 0.3 s per batch, like a remote judge (used by the overlap test)."""
+    time.sleep(0.3)
+    return brightness(batch)
+
+
+@pytest.mark.slow
+def test_iteration_logs_trains_generation_only_and_first_ratio_is_one(tiny_sft_run, tiny_dataset, tmp_path) -> None:
+    from metacot.flow_grpo.trainer import train
+
+    final = train(grpo_cfg(tiny_sft_run, tiny_dataset, tmp_path / "run", "train.max_steps=2",
+                           "rewards={brightness: {weight: 1.0}}"))
+    logged = rows(tmp_path / "run")
+    it = [r for r in logged if "reward_mean" in r]
+    assert [r["step"] for r in it] == [1, 2] and [r["optimizer_step"] for r in it] == [1, 2]
+    for key in ("reward_std", "reward_brightness_mean", "adv_abs_mean", "approx_kl", "clipfrac", "ratio_mean",
+                "zero_spread_share", "window_start", "window_end", "time_rollout", "time_reward_wait", "time_train"):
+        assert key in it[0], key
+    # One update per iteration on freshly recomputed old log-probs: the ratio is exactly 1, nothing clipped.
+    assert it[0]["ratio_mean"] == 1.0 and it[0]["clipfrac"] == 0.0 and it[0]["approx_kl"] == 0.0
+    sft = tiny_sft_run / "final"
+    assert not any(not torch.equal(a, b) for a, b in zip(weights(sft / "text_encoder").values(),
+                                                        weights(final / "text_encoder").values())), \
+        "the understanding side (VLM) is frozen in Stage 2"
+    before, after = weights(sft / "transformer"), weights(final / "transformer")
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the generation expert trained"
+    meta = json.loads((final / "metacot.json").read_text())
+    assert meta["stage"] == "grpo" and "generation" in meta["adapters"] and meta["stage1"]["stage"] == "sft"
+    assert json.loads((tmp_path / "run" / "gate.json").read_text()) == {"vlm_judge": False}
+    assert (tmp_path / "run" / "report" / "reward.png").is_file()
+
+
+@pytest.mark.slow
+def test_learning_rises_and_negated_control_does_not(tiny_sft_run, tiny_dataset, tmp_path) -> None:
+    """Brightness is a reward the tiny generator can move; the early window (2 of 4 steps) moves it."""
+    from metacot.flow_grpo.trainer import train
+
+    common = ["train.max_steps=30", "rollout.group_size=8", "rollout.batch_size=16", "policy.micro_batch_size=16",
+              "generation.lr=1e-2", "eval.every=30", "eval.prompts=8", "eval.metric=brightness"]
+    train(grpo_cfg(tiny_sft_run, tiny_dataset, tmp_path / "up", *common, "rewards={brightness: {weight: 1.0}}"))
+    train(grpo_cfg(tiny_sft_run, tiny_dataset, tmp_path / "down", *common, "rewards={brightness: {weight: -1.0}}"))
+    up = [r["eval_brightness"] for r in rows(tmp_path / "up") if "eval_brightness" in r]
+    down = [r["eval_brightness"] for r in rows(tmp_path / "down") if "eval_brightness" in r]
+    assert up[0] == down[0], "both runs start from the same model and evaluation noise"
+    assert up[-1] > up[0] + 0.02, up
+    assert down[-1] < down[0], down
+
+
+@pytest.mark.slow
+def test_exact_resume(tiny_sft_run, tiny_dataset, tmp_path, monkeypatch) -> None:
+    """Stopped by SIGUSR1 after iteration 2 of 4 and resumed: the same weights and rewards as an uninterrupted run
+    (EMA state included)."""
+    import metacot.flow_grpo.trainer as trainer
+    from metacot.training import Preempted
+
+    extra = ["rewards={brightness: {weight: 1.0}}", "policy.ema_decay=0.5", "train.max_steps=4"]
+    a = trainer.train(grpo_cfg(tiny_sft_run, tiny_dataset, tmp_path / "a", *extra))
+    with monkeypatch.context() as mp:
+        preempt_at(mp, trainer, "iteration_step", 2)
+        with pytest.raises(Preempted):
+            trainer.train(grpo_cfg(tiny_sft_run, tiny_dataset, tmp_path / "b", *extra))
+    b = trainer.train(grpo_cfg(tiny_sft_run, tiny_dataset, tmp_path / "b", *extra))
+    wa, wb = weights(a / "transformer"), weights(b / "transformer")
+    assert not changed_keys(wa, wb)
+    ra = [r["reward_mean"] for r in rows(tmp_path / "a") if "reward_mean" in r]
+    rb = [r["reward_mean"] for r in rows(tmp_path / "b") if "reward_mean" in r]
+    assert ra == rb and len(ra) == 4
+
+
+@pytest.mark.slow
+def test_rewards_overlap_with_later_rollout_batches(tiny_sft_run, tiny_dataset, tmp_path) -> None:
+    """Four rollout batches, 0.3 s of reward each (1.2 s in all): rewards run in worker threads while later batches
+    sample, so the wait after the last batch is far less than the summed reward time."""
+    from metacot.flow_grpo.trainer import train
+
+    train(grpo_cfg(tiny_sft_run, tiny_dataset, tmp_path / "run", "train.max_steps=1", "rollout.batch_size=2",
+                   "rewards={slow: {fn: 'test_grpo:slow_brightness', weight: 1.0}}", "reward_workers=4"))
+    (row,) = [r for r in rows(tmp_path / "run") if "time_reward_wait" in r]
+    assert row["time_reward_wait"] < 0.6, row
+
+
+def test_zero_spread_groups_are_counted() -> None:
+    from metacot.flow_grpo.math import group_advantages
+
+    adv, stats = group_advantages(torch.tensor([1.0, 1.0, 0.0, 2.0], dtype=torch.float64), torch.tensor([0, 0, 1, 1]))
+    assert stats["zero_spread_groups"] == 1 and torch.equal(adv[:2], torch.zeros(2, dtype=torch.float64))
+
+
+def test_calibration_gate(tmp_path) -> None:
+    base = ["model=m", "output_dir=o", "data.train=d", "rewards={cec_vlm: {weight: 1.0}}", "judge.model=judge",
+            "judge.url=http://127.0.0.1:1"]
+    cfg = load_config(GRPOConfig, None, base)
+    with pytest.raises(CalibrationGateError, match="judge.calibration is empty"):
+        check_calibration_gate(cfg)
+    with pytest.raises(CalibrationGateError, match="calibration gate"):
+        check_calibration_gate(load_config(GRPOConfig, None, base + [f"judge.calibration={tmp_path}/none.json"]))
+    record = check_calibration_gate(load_config(GRPOConfig, None, base + ["judge.allow_uncalibrated=true"]))
+    assert record["override"] is True and record["vlm_judge"] is True
+    assert check_calibration_gate(load_config(GRPOConfig, None, ["model=m", "output_dir=o", "data.train=d"])) == \
+        {"vlm_judge": False}
+
+
+def test_config_refusals() -> None:
+    base = ["model=m", "output_dir=o", "data.train=d"]
+    with pytest.raises(ConfigError, match="window_size"):
+        load_config(GRPOConfig, None, base + ["rollout.window_size=5", "rollout.window_max=4"])
+    with pytest.raises(ConfigError, match="group_size"):
+        load_config(GRPOConfig, None, base + ["rollout.group_size=1"])
+    with pytest.raises(ConfigError, match="cps"):
+        load_config(GRPOConfig, None, base + ["rollout.sde_type=cps", "rollout.window_max=10",
+                                              "rollout.window_size=2"])
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        load_config(GRPOConfig, None, base + ["policy.micro_batch_size=5"])

@@ -1,0 +1,185 @@
+"""Stage 1 SFT on tiny models through real DeepSpeed (ZeRO-2, world size 1, in-process)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import changed_keys, preempt_at, weights
+from metacot.config import ConfigError, load_config
+from metacot.cot.schema import DataError
+from metacot.models.conditioning import build_prompt
+from metacot.sft.config import SFTConfig
+from metacot.sft.data import SFTDataError, load_sft_dataset
+
+FAST = ["train.max_steps=2", "batch_size=4", "micro_batch_size=2", "train.wandb_mode=disabled",
+        "train.progress=false", "train.warmup_steps=0", "train.save_every=0", "data.understanding_ratio=0.5",
+        "train.log_every=1"]
+
+
+def sft_cfg(models, data: Path, out: Path, *extra: str) -> SFTConfig:
+    return load_config(SFTConfig, "tiny", [f"model={models.pipeline}", f"data.train={data}", f"output_dir={out}",
+                                           *FAST, *extra], stage="sft")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("und,gen", [("lora", "full"), ("frozen", "lora"), ("full", "frozen")])
+def test_two_steps_train_exactly_the_trainable_experts(tiny_models, tiny_dataset, tmp_path, und, gen) -> None:
+    from metacot.sft.trainer import train
+
+    cfg = sft_cfg(tiny_models, tiny_dataset / "train.jsonl", tmp_path / "run", f"understanding.mode={und}",
+                  f"generation.mode={gen}")
+    final = train(cfg)
+    base = Path(tiny_models.pipeline)
+    te = changed_keys(weights(base / "text_encoder"), weights(final / "text_encoder"))
+    tr = changed_keys(weights(base / "transformer"), weights(final / "transformer"))
+    assert not changed_keys(weights(base / "vae"), weights(final / "vae")), "the VAE is never trained"
+    if und == "frozen":
+        assert not te
+    elif und == "lora":
+        assert te and all(any(t in k for t in ("q_proj", "k_proj", "v_proj", "o_proj")) for k in te), sorted(te)[:5]
+        assert "visual" not in " ".join(te), "LoRA targets the language model only"
+    else:
+        assert len(te) > 20
+    if gen == "frozen":
+        assert not tr
+    elif gen == "lora":
+        assert tr and all(any(t in k for t in ("to_q", "to_k", "to_v", "to_out", "add_", "to_add_out")) for k in tr)
+    else:
+        assert len(tr) > 20
+    meta = json.loads((final / "metacot.json").read_text())
+    assert meta["stage"] == "sft" and meta["step"] == 2
+    assert set(meta["adapters"]) == {n for n, m in (("understanding", und), ("generation", gen)) if m == "lora"}
+    for name in meta["adapters"]:
+        assert (final / "adapters" / name / "adapter_model.safetensors").is_file()
+    ckpt = tmp_path / "run" / "checkpoints" / "step-2"
+    assert (ckpt / "metacot_complete.json").is_file() and (ckpt / "pytorch_model").is_dir()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert ("loss_und" in rows[0]) == (und != "frozen")
+    # Every edit sample of a step draws one CFG-dropout case (the flow loss runs in all three set-ups).
+    assert sum(rows[0][f"drop_{c}"] for c in ("none", "text", "image", "both")) == 4
+    assert (tmp_path / "run" / "report" / "loss.png").is_file()
+
+
+@pytest.mark.slow
+def test_exact_resume_is_bit_identical(tiny_models, tiny_dataset, tmp_path, monkeypatch) -> None:
+    import metacot.sft.trainer as trainer
+    from metacot.training import Preempted
+
+    data = tiny_dataset / "train.jsonl"
+    cfg = lambda run: sft_cfg(tiny_models, data, tmp_path / run, "train.max_steps=4")  # noqa: E731
+    full = trainer.train(cfg("a"))
+    with monkeypatch.context() as mp:
+        preempt_at(mp, trainer, "train_step", 2)
+        with pytest.raises(Preempted) as stopped:
+            trainer.train(cfg("b"))
+    assert stopped.value.step == 2 and (tmp_path / "b" / "checkpoints" / "step-2" / "metacot_complete.json").is_file()
+    resumed = trainer.train(cfg("b"))
+    for part in ("transformer", "text_encoder"):
+        a, b = weights(full / part), weights(resumed / part)
+        assert not changed_keys(a, b), f"{part} differs after resume"
+    logged = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4]
+    assert any(r.get("stopped_by") == "SIGUSR1" for r in logged)
+
+
+@pytest.mark.slow
+def test_overfits_eight_examples(tiny_models, tiny_dataset, tmp_path) -> None:
+    from metacot.sft.trainer import train
+
+    lines = [x for x in (tiny_dataset / "train.jsonl").read_text().splitlines() if '"type":"edit"' in x][:8]
+    lines += [x for x in (tiny_dataset / "train.jsonl").read_text().splitlines()
+              if '"type":"understanding"' in x][:8]
+    small = tiny_dataset / "eight.jsonl"
+    small.write_text("\n".join(lines) + "\n")
+    train(sft_cfg(tiny_models, small, tmp_path / "run", "train.max_steps=60", "batch_size=8", "micro_batch_size=8",
+                  "understanding.lr=3e-3", "generation.lr=2e-3", "cfg_dropout.text=0", "cfg_dropout.image=0",
+                  "cfg_dropout.both=0", "train.log_every=1", "timestep_sampling=uniform"))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss_und", "loss_gen"):
+        first = sum(r[key] for r in rows[:3]) / 3
+        last = sum(r[key] for r in rows[-5:]) / 5
+        assert last < first / 2, f"{key}: {first:.4f} -> {last:.4f}"
+
+
+def test_dropout_rates_are_honoured() -> None:
+    from metacot.sft.trainer import draw_dropout_cases
+    from metacot.training import step_generator
+
+    cfg = load_config(SFTConfig, None, ["model=x", "output_dir=y", "data.train=z", "cfg_dropout.text=0.2",
+                                        "cfg_dropout.image=0.1", "cfg_dropout.both=0.05"])
+    cases = draw_dropout_cases(40_000, cfg, step_generator(0, 0))
+    share = {c: cases.count(c) / len(cases) for c in ("text", "image", "both", "none")}
+    assert share["text"] == pytest.approx(0.2, abs=0.01)
+    assert share["image"] == pytest.approx(0.1, abs=0.01)
+    assert share["both"] == pytest.approx(0.05, abs=0.01)
+    assert share["none"] == pytest.approx(0.65, abs=0.01)
+
+
+def test_no_cot_removes_the_cot_from_the_condition(tiny_dataset) -> None:
+    with_cot = load_sft_dataset(tiny_dataset / "train.jsonl", resolution=32, no_cot=False, include_instruction=True,
+                                use_understanding=False)
+    no_cot = load_sft_dataset(tiny_dataset / "train.jsonl", resolution=32, no_cot=True, include_instruction=True,
+                              use_understanding=False)
+    only_cot = load_sft_dataset(tiny_dataset / "train.jsonl", resolution=32, no_cot=False, include_instruction=False,
+                                use_understanding=False)
+    for a, b, c in zip(with_cot.edits[:20], no_cot.edits[:20], only_cot.edits[:20]):
+        assert a.cot_text and a.cot_text in a.condition_prompt and a.instruction in a.condition_prompt
+        assert b.condition_prompt == build_prompt(b.instruction, None) and b.cot_text == ""
+        assert a.cot_text not in b.condition_prompt
+        assert a.cot_text in c.condition_prompt and not c.condition_prompt.startswith(a.instruction)
+
+
+@pytest.mark.slow
+def test_no_cot_run_never_encodes_a_cot(tiny_models, tiny_dataset, tmp_path, monkeypatch) -> None:
+    """Spy on the real condition encoder during a no-CoT run: no prompt it receives holds a CoT marker."""
+    import metacot.sft.trainer as trainer
+
+    seen: list[str] = []
+    real = trainer.encode_conditions
+
+    def spy(vlm, processor, images, prompts, **kw):
+        seen.extend(prompts)
+        return real(vlm, processor, images, prompts, **kw)
+
+    monkeypatch.setattr(trainer, "encode_conditions", spy)
+    trainer.train(sft_cfg(tiny_models, tiny_dataset / "train.jsonl", tmp_path / "run", "no_cot=true",
+                          "train.max_steps=1"))
+    assert seen and not any("Meta-CoT" in p or "<task_summary>" in p for p in seen)
+
+
+def _bad(name: str, tiny_dataset: Path, mutate) -> Path:
+    rows = [json.loads(x) for x in (tiny_dataset / "train.jsonl").read_text().splitlines()][:6]
+    mutate(rows)
+    path = tiny_dataset / f"bad_{name}.jsonl"  # beside the images: paths in records are relative
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_bad_data_fails_before_training(tiny_dataset) -> None:
+    load = lambda p, **kw: load_sft_dataset(p, resolution=32, no_cot=False, include_instruction=True,  # noqa: E731
+                                            use_understanding=True, **kw)
+    missing = _bad("missing", tiny_dataset, lambda rs: rs[0].update(source_image="images/nope.png"))
+    with pytest.raises(DataError, match=r"bad_missing.jsonl:1:.*nope.png"):
+        load(missing)
+    torn_cot = _bad("cot", tiny_dataset, lambda rs: rs[0]["cot"].pop("thinking"))
+    with pytest.raises(DataError, match=r"bad_cot.jsonl:1"):
+        load(torn_cot)
+    only_und = _bad("und", tiny_dataset, lambda rs: rs.__setitem__(slice(None),
+                                                                   [r for r in rs if r["type"] != "edit"]))
+    with pytest.raises(SFTDataError, match="no usable edit samples"):
+        load(only_und)
+    with pytest.raises(SFTDataError, match="exceed the condition budget"):
+        load(tiny_dataset / "train.jsonl", text_token_counts=lambda ps: [len(p) for p in ps], max_tokens=20)
+
+
+def test_batch_that_does_not_divide_is_refused() -> None:
+    with pytest.raises(ConfigError, match="multiple of micro_batch_size"):
+        load_config(SFTConfig, None, ["model=x", "output_dir=y", "data.train=z", "batch_size=6",
+                                      "micro_batch_size=4"])
+    with pytest.raises(ConfigError, match="sum to at most 1"):
+        load_config(SFTConfig, None, ["model=x", "output_dir=y", "data.train=z", "cfg_dropout.text=0.9",
+                                      "cfg_dropout.image=0.2"])
