@@ -28,7 +28,7 @@ import torch
 from metacot.models.conditioning import build_prompt
 from metacot.models.loading import EditingModel, load_editing_model, save_editing_model
 from metacot.run import atomic_dir
-from metacot.training import ExpertConfig, prepare_expert
+from metacot.training import ExpertConfig, plain_model_loading, prepare_expert
 
 PROMPT_FORMAT_DOC = build_prompt.__doc__ or ""
 FROZEN = ExpertConfig(mode="frozen")
@@ -49,7 +49,8 @@ def consolidate(accelerator: Any, engine: Any, base_path: str, und: ExpertConfig
     state = accelerator.get_state_dict(engine)  # collective under ZeRO-3
     if not accelerator.is_main_process:
         return None
-    fresh = load_editing_model(base_path, device="cpu", dtype=torch.float32)
+    with plain_model_loading():
+        fresh = load_editing_model(base_path, device="cpu", dtype=torch.float32)
     modules = {"vlm": prepare_expert(fresh.vlm, und, und.lora.target_modules),
                "transformer": prepare_expert(fresh.transformer, gen, gen.lora.target_modules)}
     for name, pre in prefix.items():

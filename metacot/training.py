@@ -9,6 +9,7 @@ accelerate's and DeepSpeed's own format, and metric plots. What does not: anythi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -156,8 +157,13 @@ def build_accelerator(train: TrainConfig, *, micro_batch: int, grad_accum: int) 
     ds = deepspeed_config(train.deepspeed, micro_batch=micro_batch, grad_accum=grad_accum,
                           grad_clip=train.grad_clip, bf16=precision == "bf16")
     if ds is None:
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        # Some LoRA targets get no gradient in a step (e.g. the last block's text-stream output projections):
+        # DDP must be told, or its second step fails.
         return Accelerator(mixed_precision=precision, cpu=train.resolved_device().type == "cpu",
-                           gradient_accumulation_steps=grad_accum)
+                           gradient_accumulation_steps=grad_accum,
+                           kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     return Accelerator(mixed_precision=precision, deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds),
                        gradient_accumulation_steps=grad_accum)
 
@@ -166,9 +172,28 @@ def release_accelerator(accelerator: Any) -> None:
     """Free an accelerator's engines and reset accelerate's process-wide state (so a second run can start
     in the same process, as the tests and the quickstart do)."""
     from accelerate.state import AcceleratorState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     accelerator.free_memory()
     AcceleratorState._reset_state(reset_partial_state=True)
+    unset_hf_deepspeed_config()
+
+
+@contextlib.contextmanager
+def plain_model_loading() -> Iterator[None]:
+    """Load models with real (unpartitioned) weights even while a ZeRO-3 accelerator is alive.
+
+    Under ZeRO-3, accelerate switches transformers into DeepSpeed's partitioned-init mode, so ``from_pretrained``
+    would build empty parameters; consolidating a run into a fresh CPU copy needs the plain mode for a moment.
+    """
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 # -- experts -----------------------------------------------------------------------------------------------------

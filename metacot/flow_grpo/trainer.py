@@ -41,10 +41,11 @@ from metacot.flow_grpo.gate import check_calibration_gate
 from metacot.flow_grpo.math import draw_window, ema_update, group_advantages, grpo_policy_loss, kl_to_reference
 from metacot.flow_grpo.rollout import Conditions, Trajectory, decode, sample_with_window, score_step
 from metacot.flow_grpo.sde import default_clip_range
-from metacot.models.conditioning import NEGATIVE_PROMPT, build_prompt, encode_conditions
+from metacot.models.conditioning import NEGATIVE_PROMPT, encode_conditions
 from metacot.models.loading import EditingModel, load_editing_model
 from metacot.models.sampler import encode_latents, sigma_schedule
 from metacot.run import Run
+from metacot.sft.data import condition_prompt
 from metacot.training import (
     Preempted,
     StopFlag,
@@ -99,6 +100,16 @@ class GRPOState:
 
 # -- setup -----------------------------------------------------------------------------------------------------------
 
+def stage1_prompt_options(model_dir: str) -> dict[str, bool]:
+    """How the Stage 1 model was conditioned (``no_cot``, ``include_instruction`` from its ``metacot.json``), so
+    Stage 2 conditions the generator the same way; plain pipeline folders get the defaults."""
+    meta_path = Path(model_dir) / "metacot.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if meta.get("stage") != "sft":
+        meta = meta.get("stage1", {})
+    return {"no_cot": bool(meta.get("no_cot", False)), "include_instruction": bool(meta.get("include_instruction", True))}
+
+
 def _load_prompts(path: str, base: EditingModel, cfg: GRPOConfig, limit: int | None = None) -> list[Prompt]:
     records = [r for r in load_records(path, check_images=True) if isinstance(r, EditRecord)]
     if limit is not None:
@@ -121,7 +132,7 @@ def _load_prompts(path: str, base: EditingModel, cfg: GRPOConfig, limit: int | N
         for p, w in zip(prompts, written):
             p.cot, p.cot_text = w.parsed.cot, (w.text or None)
     missing = [p.record.id for p in prompts if p.cot_text is None]
-    if missing:
+    if missing and not stage1_prompt_options(cfg.model)["no_cot"]:
         raise ValueError(f"{path}: {len(missing)} prompts have no Meta-CoT ({', '.join(missing[:10])}); annotate "
                          f"them, or set data.cot_source=model to let the understanding expert write them")
     return prompts
@@ -204,7 +215,8 @@ def _conditions(state: GRPOState, prompts: list[Prompt]) -> Conditions:
     """Encode each prompt once (frozen VLM), plus the CFG negative branch and the source latents."""
     base, cfg = state.base, state.cfg
     sources = [p.source for p in prompts]
-    texts = [build_prompt(p.record.instruction, p.cot_text) for p in prompts]
+    opts = stage1_prompt_options(cfg.model)
+    texts = [condition_prompt(p.record.instruction, p.cot_text or "", **opts) for p in prompts]
     with torch.no_grad():
         embeds, mask = encode_conditions(base.vlm, base.processor, sources, texts)
         neg_embeds = neg_mask = None
@@ -482,6 +494,7 @@ def save_final(state: GRPOState) -> Path:
         fresh, vlm, transformer = parts
         upstream = Path(cfg.model)
         facts = {"stage": "grpo", "base_model": str(cfg.model), "step": state.iteration,
+                 **stage1_prompt_options(cfg.model),
                  "optimizer_steps": state.optimizer_step, "rewards": dict(cfg.rewards),
                  "judge": {"model": cfg.judge.model, "prompt": cfg.judge.prompt}, "ema": cfg.policy.ema_decay > 0}
         if (upstream / "metacot.json").is_file():

@@ -329,7 +329,7 @@ def train(cfg: SFTConfig) -> Path:
             maybe_save_checkpoint(state)
         maybe_save_checkpoint(state, force=True)
         final = save_final(state)
-    except Preempted:
+    except BaseException:  # preempted or failed: free DeepSpeed/accelerate state so the process can run again
         state.run.close()
         release_accelerator(acc)
         raise

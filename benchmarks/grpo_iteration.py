@@ -1,0 +1,317 @@
+"""Benchmark: one Stage 2 Flow-GRPO iteration (rollout + reward + train) on one GPU.
+
+The state comes from ``metacot.flow_grpo.trainer.setup`` itself and each iteration is the library's
+``iteration_step``: ``rollout`` (``sample_with_window`` with true CFG, both branches and the whole group in one
+batched ``predict_velocity`` forward; VAE decode; rewards submitted to a thread pool), ``compute_advantages``,
+``train_policy`` (old log-probs, clipped GRPO loss through ``score_step``, AdamW). The model is built in code
+(``benchmarks.common.build_model``: real-size QwenImage MMDiT + VAE, random bf16 weights); the condition encoder
+and VAE encoder return random tensors of the real shapes; the reward is a deliberately slow stand-in that sleeps
+``--reward-seconds`` per rollout batch in a reward thread, to show how much of it the iteration waits for.
+
+Settings (the issue's): one group of 8 per iteration, 10 rollout steps, true CFG 4.0, LoRA r=64 alpha=128 on the
+attention and MLP projections, 1 inner epoch, 2 optimizer steps per group. A variant is comma-separated
+``key=value`` pairs: ``window`` (full = 9 trained steps of 10; early2 = 2 steps within the first 4), ``mb`` (training
+micro-batch, samples; CFG doubles the sequences), ``ckpt`` (checkpointed MMDiT blocks: all, none, a number, or
+fit = the fewest, in tenths of the depth, whose training micro-step fits), ``old`` (recompute | rollout old
+log-probs), ``rbatch`` (rollout batch), ``neg`` (valid tokens of the CFG negative condition; < 256 pads and masks
+it), ``iters`` (iterations; the first is reported apart as warm-up when there are several). Usage::
+
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python benchmarks/grpo_iteration.py --layers 60 \
+        --variant window=full,mb=4,ckpt=fit --variant window=early2,mb=4,ckpt=fit --forwards
+
+``--forwards`` also times the CFG-batched denoising forward alone at rollout batch 4 and 8, with and without a
+padded negative condition. ``--tiny`` is a CPU smoke test of the script. Prints a table last and writes
+``OUT/<name>.json``. Left out: the judge (the stand-in reward), DeepSpeed (bf16 LoRA weights emulate its bf16 mode),
+evaluation passes and checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# benchmarks/ is a folder of scripts, not a package: make its common.py importable from here.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
+WINDOWS = {"full": (9, 9), "early2": (2, 4)}
+DEFAULTS = {"window": "full", "mb": "4", "ckpt": "all", "old": "recompute", "rbatch": "8", "neg": "256"}
+
+
+class SlowReward:
+    """A reward that takes ``seconds`` per batch (sleeping, as a remote judge's latency would) and returns noise."""
+
+    scale = (0.0, 1.0)
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.rng = random.Random(0)
+
+    def __call__(self, batch: Any) -> list[float]:
+        time.sleep(self.seconds)
+        return [self.rng.random() for _ in range(len(batch))]
+
+
+def parse_variant(spec: str, iterations: int) -> dict[str, str]:
+    out = dict(DEFAULTS, iters=str(iterations))
+    for part in filter(None, spec.split(",")):
+        key, _, value = part.partition("=")
+        if key not in out:
+            raise SystemExit(f"unknown variant key {key!r} in {spec!r}; use {sorted(out)}")
+        out[key] = value
+    if out["window"] not in WINDOWS:
+        raise SystemExit(f"window={out['window']!r}: use one of {sorted(WINDOWS)}")
+    return out
+
+
+def make_config(args: argparse.Namespace, v: dict[str, str], out: str) -> Any:
+    from metacot.flow_grpo.config import (
+        EvalConfig,
+        GRPOConfig,
+        GRPOData,
+        Policy,
+        Rollout,
+    )
+    from metacot.training import ExpertConfig, LoRAConfig, TrainConfig
+
+    size, wmax = WINDOWS[v["window"]]
+    return GRPOConfig(
+        model="in-code", output_dir=out, data=GRPOData(train="in-code", resolution=args.resolution),
+        train=TrainConfig(max_steps=10_000, deepspeed="none", device="auto",
+                          mixed_precision="bf16" if args.adapters == "fp32-autocast" else "no",
+                          wandb_mode="disabled", progress=False, resume=False),
+        generation=ExpertConfig(mode="lora", lr=3e-4, weight_decay=1e-4, gradient_checkpointing=v["ckpt"] == "all",
+                                lora=LoRAConfig(r=64, alpha=128, target_modules=common.ATTENTION + common.MLP)),
+        rollout=Rollout(group_size=8, prompts_per_iteration=1, batch_size=int(v["rbatch"]), num_steps=10,
+                        cfg_scale=4.0, window_size=size, window_max=wmax),
+        policy=Policy(micro_batch_size=int(v["mb"]), updates_per_epoch=2, inner_epochs=1, old_logprob=v["old"]),
+        eval=EvalConfig(every=0, prompts=1), reward_workers=2)
+
+
+def fake_prompts(n: int, resolution: int) -> list[Any]:
+    from types import SimpleNamespace
+
+    from metacot.flow_grpo.trainer import Prompt
+
+    images = common.source_images(n, resolution)
+    return [Prompt(SimpleNamespace(id=f"p{i}", instruction="make it red", category="recolor", scene_before=None,
+                                   scene_after=None), images[i], None, None, "(cot)") for i in range(n)]
+
+
+def build_state(args: argparse.Namespace, device: torch.device, v: dict[str, str]) -> tuple[Any, common.Stubs]:
+    import metacot.flow_grpo.trainer as grpo
+    from rewards.contract import WeightedReward
+
+    model = common.build_model(args.layers, device, tiny=args.tiny)
+    model.vlm = torch.nn.Linear(1, 1, device=device)  # the frozen condition encoder: stubbed, never called
+    stubs = common.Stubs(model, args.resolution, negative_valid=int(v["neg"]))
+    cfg = make_config(args, v, tempfile.mkdtemp(prefix="bench-grpo-"))
+    prompts = fake_prompts(4, args.resolution)
+    with common.patch(grpo, load_editing_model=lambda *a, **k: model,
+                      check_calibration_gate=lambda cfg: {"benchmark": "no judge; gate not checked"},
+                      _load_prompts=lambda *a, **k: prompts,
+                      build_rewards=lambda cfg: WeightedReward({"slow": (SlowReward(args.reward_seconds), 1.0)}),
+                      build_reward=lambda spec: (lambda batch: [None] * len(batch))):
+        state = grpo.setup(cfg)
+    common.lora_to_bf16_with_noise(state.accelerator.unwrap_model(state.policy),
+                                   bf16=args.adapters == "bf16" and device.type == "cuda")
+    return state, stubs
+
+
+def fake_conditions(stubs: common.Stubs, n: int, negative_valid: int | None = None) -> Any:
+    from metacot.flow_grpo.rollout import Conditions
+    from metacot.models.conditioning import NEGATIVE_PROMPT
+
+    embeds, mask = stubs.encode_conditions(None, None, [None] * n, ["edit"] * n)
+    old = stubs.negative_valid
+    stubs.negative_valid = negative_valid or old
+    neg, neg_mask = stubs.encode_conditions(None, None, [None] * n, [NEGATIVE_PROMPT] * n)
+    stubs.negative_valid = old
+    return Conditions(embeds, mask, neg, neg_mask, stubs.encode_latents(None, [None] * n))
+
+
+def pair_flops(state: Any, stubs: common.Stubs) -> dict[str, float]:
+    """FLOPs of one sample's CFG velocity (a conditional + a negative sequence in one batched forward)."""
+    from metacot.flow_grpo.rollout import velocity
+
+    policy = state.accelerator.unwrap_model(state.policy)
+    cond = fake_conditions(stubs, 1)
+    x = torch.randn(1, stubs.sh.image, stubs.sh.channels, device=state.device)
+    seq = stubs.sh.image * 2 + stubs.sh.text
+    return common.count_forward_flops(policy, lambda: velocity(state.base, policy, x, cond, 0.9, 4.0, stubs.size), seq)
+
+
+def probe_train_step(state: Any, stubs: common.Stubs) -> bool:
+    """One training micro-step (score_step forward + backward + AdamW) at the variant's micro-batch; False on OOM."""
+    from metacot.flow_grpo.rollout import score_step
+
+    r, mb = state.cfg.rollout, state.cfg.policy.micro_batch_size
+    cond = fake_conditions(stubs, mb)
+    x = torch.randn(mb, stubs.sh.image, stubs.sh.channels, device=state.device)
+    try:
+        logp, _, _ = score_step(state.base, state.policy, x, x + 0.01 * torch.randn_like(x), cond, 0.9, 0.8,
+                                size=stubs.size, cfg_scale=r.cfg_scale, noise_level=r.noise_level, sde_type=r.sde_type)
+        state.accelerator.backward(logp.mean())
+        state.optimizer.step()
+        ok = True
+    except torch.OutOfMemoryError:
+        ok = False
+    state.optimizer.zero_grad(set_to_none=True)
+    common.reset_memory(state.device)
+    return ok
+
+
+def fit_blocks(state: Any, stubs: common.Stubs, layers: int) -> tuple[int | None, list[int]]:
+    step = max(1, layers // 10)
+    failed = []
+    for k in list(range(0, layers, step)) + [layers]:
+        common.set_block_checkpointing(state.policy, k)
+        if probe_train_step(state, stubs):
+            return k, failed
+        failed.append(k)
+    return None, failed
+
+
+def denoise_forwards(state: Any, stubs: common.Stubs, pair: float, peak: float) -> list[dict[str, Any]]:
+    """The rollout's CFG-batched velocity forward alone (no grad), per rollout batch and negative padding."""
+    from metacot.flow_grpo.rollout import velocity
+
+    policy = state.accelerator.unwrap_model(state.policy)
+    rows = []
+    for batch in (4, 8):
+        for neg in (stubs.sh.text, stubs.sh.text // 8):
+            cond = fake_conditions(stubs, batch, neg)
+            x = torch.randn(batch, stubs.sh.image, stubs.sh.channels, device=state.device)
+            def call(x: torch.Tensor = x, cond: Any = cond) -> torch.Tensor:
+                return velocity(state.base, policy, x, cond, 0.9, 4.0, stubs.size)
+
+            with torch.no_grad():
+                times = [common.timed(call, state.device)[0] for _ in range(4)][1:]  # the first is a warm-up
+            t = sorted(times)[1]
+            rows.append({"rollout_batch": batch, "sequences": 2 * batch, "negative_valid_tokens": neg,
+                         "padded_mask": neg != stubs.sh.text, "forward_s": t, "samples_s": times,
+                         "mfu": pair * batch / t / (peak * 1e12)})
+    return rows
+
+
+def run_iterations(state: Any, stubs: common.Stubs, n: int) -> list[dict[str, Any]]:
+    import metacot.flow_grpo.trainer as grpo
+
+    out = []
+    with ThreadPoolExecutor(max_workers=state.cfg.reward_workers, thread_name_prefix="reward") as pool, \
+            common.patch(grpo, encode_latents=stubs.encode_latents, encode_conditions=stubs.encode_conditions):
+        for _ in range(n):
+            t, metrics = common.timed(lambda: grpo.iteration_step(state, pool), state.device)
+            out.append({k: metrics[k] for k in ("time_rollout", "time_reward_wait", "time_train", "time_iteration",
+                                                "window_start", "window_end", "optimizer_step", "loss")
+                        if k in metrics} | {"wall_s": t})
+    return out
+
+
+def summarise(row: dict[str, Any], state: Any, pair: float, peak: float) -> None:
+    """Iteration figures from the last iteration, with MFU per phase (issue's FLOP convention)."""
+    cfg = state.cfg
+    r, p = cfg.rollout, cfg.policy
+    n = r.group_size * r.prompts_per_iteration
+    w = r.window_size
+    last = row["iterations"][-1]
+    rollout_flops = r.num_steps * n * pair
+    train_fwd = w * n * pair * p.inner_epochs
+    train_flops = 3 * train_fwd + (w * n * pair if p.old_logprob == "recompute" else 0.0)
+    row.update(iteration_s=last["wall_s"], rollout_s=last["time_rollout"], reward_wait_s=last["time_reward_wait"],
+               train_s=last["time_train"], reward_wait_share=last["time_reward_wait"] / last["wall_s"],
+               rollout_mfu=rollout_flops / last["time_rollout"] / (peak * 1e12),
+               train_mfu=train_flops / last["time_train"] / (peak * 1e12),
+               iteration_mfu=(rollout_flops + train_flops) / last["wall_s"] / (peak * 1e12),
+               flops={"pair_forward": pair, "rollout": rollout_flops, "train": train_flops})
+
+
+def run_variant(args: argparse.Namespace, device: torch.device, spec: str, peak: float,
+                forwards: bool) -> dict[str, Any]:
+    from metacot.training import release_accelerator
+
+    v = parse_variant(spec, args.iterations)
+    row: dict[str, Any] = {"variant": spec, **v, "layers": args.layers, "adapters": args.adapters,
+                           "reward_seconds": args.reward_seconds}
+    common.reset_memory(device)
+    t0 = time.perf_counter()
+    state, stubs = build_state(args, device, v)
+    row["setup_s"] = time.perf_counter() - t0
+    try:
+        pair = pair_flops(state, stubs)
+        row["pair_flops"] = pair
+        if v["ckpt"] == "fit":
+            k, failed = fit_blocks(state, stubs, args.layers)
+            row.update(ckpt_blocks=k, ckpt_oom_at=failed)
+            if k is None:
+                return {**row, "status": "oom"}
+        else:
+            k = args.layers if v["ckpt"] == "all" else 0 if v["ckpt"] == "none" else int(v["ckpt"])
+            if v["ckpt"] != "all":  # "all" is the trainer's own generation.gradient_checkpointing=true
+                common.set_block_checkpointing(state.policy, k)
+            row["ckpt_blocks"] = k
+        if forwards:
+            row["denoise_forwards"] = denoise_forwards(state, stubs, pair["forward"], peak)
+        common.reset_memory(device)
+        try:
+            row["iterations"] = run_iterations(state, stubs, int(v["iters"]))
+        except torch.OutOfMemoryError as exc:
+            return {**row, "status": "oom", "error": str(exc).split("\n")[0], "mem_gib": common.memory_gib(device)}
+        row.update(status="ok", mem_gib=common.memory_gib(device))
+        summarise(row, state, pair["forward"], peak)
+        return row
+    finally:
+        state.run.close()
+        release_accelerator(state.accelerator)
+        del state
+        common.reset_memory(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=60)
+    p.add_argument("--variant", action="append", help="key=value,... (repeat); see the module docstring")
+    p.add_argument("--iterations", type=int, default=2, help="iterations per variant unless the variant sets iters")
+    p.add_argument("--resolution", type=int, default=common.RESOLUTION)
+    p.add_argument("--reward-seconds", type=float, default=1.0)
+    p.add_argument("--adapters", choices=["bf16", "fp32-autocast", "fp32"], default="bf16")
+    p.add_argument("--forwards", action="store_true", help="time the denoising forward alone (first variant)")
+    p.add_argument("--tiny", action="store_true", help="tiny model on CPU: smoke test of the script only")
+    p.add_argument("--name", default="grpo_iteration")
+    p.add_argument("--out", default=common.out_dir_default())
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.resolution = 64
+    device = common.pick_device(args.tiny)
+    common.single_process()
+    variants = args.variant or ["window=full,mb=4,ckpt=fit", "window=early2,mb=4,ckpt=fit"]
+    peak = common.peak_matmul_tflops(device)
+    rows = []
+    for i, spec in enumerate(variants):
+        row = run_variant(args, device, spec, peak["tflops"], forwards=args.forwards and i == 0)
+        rows.append(row)
+        print({k: v for k, v in row.items() if k not in ("iterations", "denoise_forwards", "pair_flops")}, flush=True)
+    result = {"benchmark": "grpo_iteration", "env": common.environment(device), "peak_bf16_matmul": peak,
+              "args": vars(args), "conventions": {"resolution": args.resolution, "target_tokens": 1024,
+                                                  "source_tokens": 1024, "text_tokens": common.TEXT_TOKENS},
+              "rows": rows}
+    path = common.write_result(args.out, args.name, result)
+    print(f"\npeak bf16 matmul {peak['tflops']:.0f} TFLOP/s; wrote {path}")
+    fw = [f for r in rows for f in r.get("denoise_forwards", [])]
+    if fw:
+        print(common.table(fw, ["rollout_batch", "sequences", "negative_valid_tokens", "forward_s", "mfu"]))
+    print(common.table(rows, ["variant", "status", "ckpt_blocks", "iteration_s", "rollout_s", "train_s",
+                              "reward_wait_share", "rollout_mfu", "train_mfu", "mem_gib"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
