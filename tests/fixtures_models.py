@@ -1,10 +1,11 @@
 """Session fixture ``tiny_models``: the tiny editing pipeline + tiny VLM, built once and cached across sessions.
 
-The build (tokenizer, random VLM and MMDiT, a VAE trained for about a minute) is cached under
+The build (tokenizer, random VLM and MMDiT, a VAE trained for 1-3 minutes) is cached under
 ``${METACOT_CACHE:-~/.cache/metacot}/tiny/<key>``, where the key hashes the builder's source files (and the scene
 generator the VAE trains on) and the torch / transformers / diffusers / tokenizers versions: editing any of them
-rebuilds. The cache folder is written atomically, so a killed build never looks complete and two sessions racing to
-build both end up using one complete folder. Tests never depend on the cache being warm: a cold cache builds.
+rebuilds. The cache folder is written atomically, so a killed build never looks complete, and a lock file makes a
+second session wait for a build in progress instead of repeating it. Tests never depend on the cache being warm: a
+cold cache builds.
 
 The folders are shared by every test of every session: treat them as read-only (copy them to change them).
 """
@@ -12,6 +13,7 @@ The folders are shared by every test of every session: treat them as read-only (
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import os
 from pathlib import Path
@@ -69,14 +71,13 @@ def build_or_reuse(dest: Path) -> TinyModels:
     from metacot.models.cli import build_tiny
     from metacot.run import atomic_dir, is_complete
 
-    if not is_complete(dest):
-        try:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # One builder per key: a concurrent session waits for the build in progress instead of repeating it.
+    with open(dest.parent / f"{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not is_complete(dest):
             with atomic_dir(dest, overwrite=dest.exists()) as tmp:
                 build_tiny(tmp, resolution=RESOLUTION, seed=SEED)
-        except OSError:
-            # Another session finished the same build first (its rename won); use its complete folder.
-            if not is_complete(dest):
-                raise
     return TinyModels(root=dest, pipeline=dest / "pipeline", vlm=dest / "vlm")
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import pytest
 import torch
+from PIL import Image
 
 from data_recipes.synth import sample_scene_images
 from metacot.models.conditioning import (
@@ -16,16 +19,19 @@ from metacot.models.conditioning import (
     encode_conditions,
 )
 
+if TYPE_CHECKING:
+    from tests.fixtures_models import TinyModels
+
 
 @pytest.fixture(scope="module")
-def pipe(tiny_models):
+def pipe(tiny_models: TinyModels) -> Any:
     from diffusers import QwenImageEditPipeline
 
     return QwenImageEditPipeline.from_pretrained(tiny_models.pipeline)
 
 
 @pytest.fixture(scope="module")
-def images():
+def images() -> list[Image.Image]:
     return sample_scene_images(3, 32, seed=11)
 
 
@@ -48,7 +54,7 @@ def test_build_prompt_format() -> None:
         build_prompt(" ", "### A")
 
 
-def test_encode_conditions_equals_the_stock_encode_prompt(pipe, images) -> None:
+def test_encode_conditions_equals_the_stock_encode_prompt(pipe: Any, images: list[Image.Image]) -> None:
     with torch.no_grad():
         embeds, mask = encode_conditions(pipe.text_encoder, pipe.processor, images, PROMPTS)
         ref_embeds, ref_mask = pipe.encode_prompt(PROMPTS, image=images, device="cpu")
@@ -58,7 +64,7 @@ def test_encode_conditions_equals_the_stock_encode_prompt(pipe, images) -> None:
     assert len(set(mask.sum(1).tolist())) == 3  # the prompts really have different lengths (padding exercised)
 
 
-def test_batching_does_not_change_a_sample(pipe, images) -> None:
+def test_batching_does_not_change_a_sample(pipe: Any, images: list[Image.Image]) -> None:
     with torch.no_grad():
         embeds, mask = encode_conditions(pipe.text_encoder, pipe.processor, images, PROMPTS)
         for i in range(3):
@@ -71,7 +77,7 @@ def test_batching_does_not_change_a_sample(pipe, images) -> None:
             assert torch.all(embeds[i, n:] == 0)
 
 
-def test_drop_image_removes_only_that_samples_image(pipe, images) -> None:
+def test_drop_image_removes_only_that_samples_image(pipe: Any, images: list[Image.Image]) -> None:
     with torch.no_grad():
         embeds, mask = encode_conditions(pipe.text_encoder, pipe.processor, images[:2], PROMPTS[:2], [True, False])
         kept, kept_mask = encode_conditions(pipe.text_encoder, pipe.processor, images[:2], PROMPTS[:2])
@@ -88,7 +94,7 @@ def test_drop_image_removes_only_that_samples_image(pipe, images) -> None:
     assert torch.allclose(embeds[0, : int(mask[0].sum())], other_image[0][0, : int(mask[0].sum())], atol=1e-5)
 
 
-def test_gradients_reach_the_vlm_text_and_vision_weights(pipe, images) -> None:
+def test_gradients_reach_the_vlm_text_and_vision_weights(pipe: Any, images: list[Image.Image]) -> None:
     vlm = pipe.text_encoder
     vlm.zero_grad(set_to_none=True)
     embeds, mask = encode_conditions(vlm, pipe.processor, images[:2], PROMPTS[:2])
@@ -98,7 +104,7 @@ def test_gradients_reach_the_vlm_text_and_vision_weights(pipe, images) -> None:
     vlm.zero_grad(set_to_none=True)
 
 
-def test_token_counts_and_budget(pipe, images) -> None:
+def test_token_counts_and_budget(pipe: Any, images: list[Image.Image]) -> None:
     processor = pipe.processor
     text = condition_text_token_counts(processor, PROMPTS)
     assert text == [condition_token_count(processor, None, p) for p in PROMPTS]
@@ -112,6 +118,23 @@ def test_token_counts_and_budget(pipe, images) -> None:
         encode_conditions(pipe.text_encoder, processor, images[:1], PROMPTS[1:2], max_text_tokens=10)
 
 
-def test_mismatched_lengths_are_refused(pipe, images) -> None:
+def test_mismatched_lengths_are_refused(pipe: Any, images: list[Image.Image]) -> None:
     with pytest.raises(ValueError, match="one image and one drop flag per prompt"):
         encode_conditions(pipe.text_encoder, pipe.processor, images[:2], PROMPTS[:1])
+
+
+def test_a_peft_wrapped_vlm_encodes_and_trains_its_adapter(pipe: Any, images: list[Image.Image]) -> None:
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    base = copy.deepcopy(pipe.text_encoder)
+    peft_vlm = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    embeds, mask = encode_conditions(peft_vlm, pipe.processor, images[:2], PROMPTS[:2])
+    with torch.no_grad():
+        plain, plain_mask = encode_conditions(base, pipe.processor, images[:2], PROMPTS[:2])
+    assert torch.equal(mask, plain_mask)
+    assert torch.allclose(embeds, plain, atol=1e-5)  # LoRA B starts at zero: same condition as the base model
+    (embeds * mask[..., None]).pow(2).sum().backward()
+    lora_grads = [p.grad for n, p in peft_vlm.named_parameters() if "lora_B" in n and p.grad is not None]
+    assert lora_grads and any(g.abs().sum() > 0 for g in lora_grads)

@@ -4,25 +4,30 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
 from metacot.models import cli, tiny_vae
 from metacot.models.loading import (
+    EditingModel,
     ModelFolderError,
     load_editing_model,
     save_editing_model,
 )
 from metacot.run import is_complete
 
+if TYPE_CHECKING:
+    from tests.fixtures_models import TinyModels
+
 
 @pytest.fixture(scope="module")
-def model(tiny_models):
+def model(tiny_models: TinyModels) -> EditingModel:
     return load_editing_model(tiny_models.pipeline)
 
 
-def test_loaded_model_facts(model) -> None:
+def test_loaded_model_facts(model: EditingModel) -> None:
     assert type(model.vlm).__name__ == "Qwen2_5_VLForConditionalGeneration"
     assert model.vae_scale_factor == 4 and model.latent_channels == 16 and model.pixel_multiple == 8
     assert model.tokenizer is model.processor.tokenizer
@@ -30,7 +35,7 @@ def test_loaded_model_facts(model) -> None:
     assert not model.transformer.training and not model.vlm.training
 
 
-def test_save_then_load_round_trips_through_diffusers(model, tmp_path: Path) -> None:
+def test_save_then_load_round_trips_through_diffusers(model: EditingModel, tmp_path: Path) -> None:
     from diffusers import DiffusionPipeline
 
     with torch.no_grad():  # make the saved weights differ from the source folder's
@@ -48,12 +53,15 @@ def test_save_then_load_round_trips_through_diffusers(model, tmp_path: Path) -> 
         assert not list(out.rglob("*.bin"))  # safetensors only
         with pytest.raises(Exception, match="already exists"):
             save_editing_model(model, out)
+        (tmp_path / "outer").mkdir()  # atomic=False writes into a folder the caller already made atomic
+        save_editing_model(model, tmp_path / "outer", atomic=False)
+        assert (tmp_path / "outer" / "model_index.json").is_file() and not is_complete(tmp_path / "outer")
     finally:
         with torch.no_grad():
             model.transformer.proj_out.bias.sub_(1.0)
 
 
-def test_adapter_layers_are_refused_on_save(model, tmp_path: Path) -> None:
+def test_adapter_layers_are_refused_on_save(model: EditingModel, tmp_path: Path) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
     transformer = model.transformer
@@ -70,7 +78,7 @@ def _copy(module: torch.nn.Module) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("missing", ["vae", "text_encoder/config.json", "model_index.json"])
-def test_missing_parts_name_themselves(tiny_models, tmp_path: Path, missing: str) -> None:
+def test_missing_parts_name_themselves(tiny_models: TinyModels, tmp_path: Path, missing: str) -> None:
     folder = tmp_path / "pipe"
     shutil.copytree(tiny_models.pipeline, folder)
     target = folder / missing
@@ -79,7 +87,9 @@ def test_missing_parts_name_themselves(tiny_models, tmp_path: Path, missing: str
         load_editing_model(folder)
 
 
-def test_cli_builds_both_folders_and_refuses_to_overwrite(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_cli_builds_both_folders_and_refuses_to_overwrite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from diffusers import DiffusionPipeline
     from transformers import AutoModelForImageTextToText
 

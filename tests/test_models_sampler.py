@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from data_recipes.synth import sample_scene_images
 from metacot.models.conditioning import NEGATIVE_PROMPT, encode_conditions
-from metacot.models.loading import load_editing_model
+from metacot.models.loading import EditingModel, load_editing_model
 from metacot.models.sampler import (
     decode_latents,
     edit,
     encode_latents,
+    image_shapes,
     initial_noise,
     pack,
     predict_velocity,
@@ -20,25 +24,28 @@ from metacot.models.sampler import (
     unpack,
 )
 
+if TYPE_CHECKING:
+    from tests.fixtures_models import TinyModels
+
 SIZE = 32
 PROMPTS = ["Make the red circle blue.", "Remove the star.\nMeta-CoT:\n### Meta-task summary\nMeta-tasks: Remove"]
 
 
 @pytest.fixture(scope="module")
-def model(tiny_models):
+def model(tiny_models: TinyModels) -> EditingModel:
     return load_editing_model(tiny_models.pipeline)
 
 
 @pytest.fixture(scope="module")
-def sources():
+def sources() -> list[Image.Image]:
     return sample_scene_images(2, SIZE, seed=21)
 
 
-def _arrays(images) -> np.ndarray:
+def _arrays(images: list[Image.Image]) -> np.ndarray:
     return np.stack([np.asarray(i, dtype=np.int16) for i in images])
 
 
-def test_two_step_edit_is_finite_sized_and_seeded(model, sources) -> None:
+def test_two_step_edit_is_finite_sized_and_seeded(model: EditingModel, sources: list[Image.Image]) -> None:
     def run(seed: int) -> np.ndarray:
         out = edit(model, sources, PROMPTS, height=SIZE, width=SIZE, num_steps=2, cfg_scale=4.0,
                    generator=torch.Generator().manual_seed(seed))
@@ -52,7 +59,10 @@ def test_two_step_edit_is_finite_sized_and_seeded(model, sources) -> None:
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
-def test_edit_equals_the_stock_pipeline(model, tiny_models, sources, cfg_scale, monkeypatch) -> None:
+def test_edit_equals_the_stock_pipeline(
+    model: EditingModel, tiny_models: TinyModels, sources: list[Image.Image], cfg_scale: float,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as stock
     from diffusers import QwenImageEditPipeline
 
@@ -70,7 +80,7 @@ def test_edit_equals_the_stock_pipeline(model, tiny_models, sources, cfg_scale, 
     assert np.abs(_arrays(ours) - _arrays(ref)).max() <= 1  # uint8 rounding at most
 
 
-def test_sigma_schedule_is_the_pipelines(model) -> None:
+def test_sigma_schedule_is_the_pipelines(model: EditingModel) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import (
         calculate_shift,
@@ -93,7 +103,9 @@ def test_sigma_schedule_is_the_pipelines(model) -> None:
     assert torch.equal(model.scheduler.sigmas, untouched)  # the model's own scheduler is not modified
 
 
-def test_batched_cfg_equals_two_forwards_and_the_guidance_formula(model, sources) -> None:
+def test_batched_cfg_equals_two_forwards_and_the_guidance_formula(
+    model: EditingModel, sources: list[Image.Image]
+) -> None:
     with torch.no_grad():
         cond = encode_conditions(model.vlm, model.processor, sources, PROMPTS)
         neg = encode_conditions(model.vlm, model.processor, sources, [NEGATIVE_PROMPT] * 2)
@@ -110,7 +122,27 @@ def test_batched_cfg_equals_two_forwards_and_the_guidance_formula(model, sources
     assert not torch.allclose(v_cond, v_neg)  # the prompt reaches the velocity
 
 
-def test_latents_pack_unpack_and_reconstruct(model, sources) -> None:
+def test_an_explicit_transformer_is_the_one_that_runs(model: EditingModel, sources: list[Image.Image]) -> None:
+    import copy
+
+    assert image_shapes(model, SIZE, 2 * SIZE) == (1, SIZE // 8, 2 * SIZE // 8)
+    other = copy.deepcopy(model.transformer)
+    with torch.no_grad():
+        other.proj_out.bias.add_(0.5)
+        cond = encode_conditions(model.vlm, model.processor, sources, PROMPTS)
+        image_latents = encode_latents(model, sources)
+        latents = initial_noise(model, 2, SIZE, SIZE, torch.Generator().manual_seed(4))
+        kw = {"height": SIZE, "width": SIZE}
+        default = predict_velocity(model, latents, image_latents, cond, 0.3, **kw)
+        explicit = predict_velocity(model, latents, image_latents, cond, 0.3, transformer=other, **kw)
+    assert torch.allclose(explicit, default + 0.5, atol=1e-5)
+    other.train()  # with grad, as the Flow-GRPO policy runs it
+    v = predict_velocity(model, latents, image_latents, cond, 0.3, transformer=other, **kw)
+    v.pow(2).mean().backward()
+    assert other.proj_out.weight.grad is not None and model.transformer.proj_out.weight.grad is None
+
+
+def test_latents_pack_unpack_and_reconstruct(model: EditingModel, sources: list[Image.Image]) -> None:
     grid = torch.randn(2, model.latent_channels, 1, SIZE // model.vae_scale_factor, SIZE // model.vae_scale_factor)
     assert torch.equal(unpack(pack(grid), SIZE, SIZE, model.vae_scale_factor), grid)
     with torch.no_grad():
@@ -122,7 +154,7 @@ def test_latents_pack_unpack_and_reconstruct(model, sources) -> None:
     assert 10 * np.log10(1 / mse.mean()) > 18
 
 
-def test_bad_inputs_are_refused(model, sources) -> None:
+def test_bad_inputs_are_refused(model: EditingModel, sources: list[Image.Image]) -> None:
     with pytest.raises(ValueError, match="multiples of 8"):
         edit(model, sources, PROMPTS, height=30, width=32, num_steps=1, cfg_scale=1.0, generator=None)
     with pytest.raises(ValueError, match="one image per prompt"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -12,9 +13,12 @@ from PIL import Image
 from metacot.models import tiny, tiny_vae
 from metacot.models.conditioning import stock_template, system_prefix_length
 
+if TYPE_CHECKING:
+    from tests.fixtures_models import TinyModels
+
 
 @pytest.fixture(scope="module")
-def tokenizer():
+def tokenizer() -> Any:
     return tiny.make_tiny_tokenizer()
 
 
@@ -31,21 +35,21 @@ def test_tokenizer_folder_drops_the_same_64_token_prefix_as_the_real_one(tmp_pat
     assert ids[64] == loaded.convert_tokens_to_ids("<|vision_start|>")
 
 
-def test_special_tokens_are_single_distinct_ids(tokenizer) -> None:
+def test_special_tokens_are_single_distinct_ids(tokenizer: Any) -> None:
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in tiny.QWEN_SPECIAL_TOKENS]
     assert all(len(i) == 1 for i in ids)
     assert len({i[0] for i in ids}) == len(tiny.QWEN_SPECIAL_TOKENS)
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
 
 
-def test_tokenizer_is_deterministic(tokenizer) -> None:
+def test_tokenizer_is_deterministic(tokenizer: Any) -> None:
     tiny._trained_bpe.cache_clear()  # train the BPE again instead of reusing this process's result
     retrained = tiny.make_tiny_tokenizer()
     assert retrained.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
     assert retrained is not tokenizer
 
 
-def test_chat_template_marks_exactly_the_assistant_turn_for_trl(tokenizer) -> None:
+def test_chat_template_marks_exactly_the_assistant_turn_for_trl(tokenizer: Any) -> None:
     from trl.chat_template_utils import (
         is_chat_template_prefix_preserving,
         is_chat_template_stop_token_trained,
@@ -92,13 +96,13 @@ def test_vlm_folder_loads_with_auto_classes_and_sees_the_image(arch: str, tmp_pa
     assert not torch.allclose(logits[0], logits[1])
 
 
-def test_vlm_init_depends_only_on_the_seed(tokenizer) -> None:
+def test_vlm_init_depends_only_on_the_seed(tokenizer: Any) -> None:
     a, b, c = (tiny.make_tiny_vlm(tokenizer, seed=s).state_dict() for s in (0, 0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_pipeline_folder_loads_as_a_stock_diffusers_pipeline(tiny_models) -> None:
+def test_pipeline_folder_loads_as_a_stock_diffusers_pipeline(tiny_models: TinyModels) -> None:
     from diffusers import DiffusionPipeline, QwenImageEditPipeline
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -118,7 +122,7 @@ def test_pipeline_folder_loads_as_a_stock_diffusers_pipeline(tiny_models) -> Non
     assert all(torch.equal(t, standalone[k]) for k, t in vlm.state_dict().items())
 
 
-def test_trained_vae_reconstructs_held_out_scenes(tiny_models) -> None:
+def test_trained_vae_reconstructs_held_out_scenes(tiny_models: TinyModels) -> None:
     from diffusers import AutoencoderKLQwenImage
 
     from data_recipes.synth import sample_scene_images
@@ -157,7 +161,7 @@ def test_vae_training_is_deterministic_and_lowers_the_error() -> None:
     assert report_a["heldout_mse"] < tiny_vae.reconstruction_error(untrained, scenes)["mse"]
 
 
-def test_bad_resolution_and_arch_are_refused(tmp_path: Path, tokenizer) -> None:
+def test_bad_resolution_and_arch_are_refused(tmp_path: Path, tokenizer: Any) -> None:
     with pytest.raises(tiny.TinyBuildError, match="multiple of 8"):
         tiny.build_tiny_editing_model(tmp_path / "p", resolution=30)
     with pytest.raises(tiny.TinyBuildError, match="unknown tiny VLM arch"):

@@ -82,6 +82,7 @@ def _latent_stats(model: EditingModel, like: torch.Tensor) -> tuple[torch.Tensor
     return mean, std
 
 
+@torch.no_grad()  # the VAE is never trained here; no graph through it
 def encode_latents(model: EditingModel, images: Sequence[Image.Image]) -> torch.Tensor:
     """Encode same-sized images into normalised, packed VAE latents (the latent mode, as the pipeline does).
 
