@@ -16,17 +16,17 @@ PY := $(VENV)/bin/python
 
 .PHONY: quickstart test venv vllm-env system-deps clean-venvs
 
+# The venv is cached outside the clone and may serve several clones: the code always comes from THIS clone through
+# PYTHONPATH (ahead of the editable install, which only provides the `metacot` console script).
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+
 venv: $(VENV)/.installed
-	@# Re-point the editable install at this clone when the cached venv was made from another checkout.
-	@if [ "$$(cat $(VENV)/.metacot-src 2>/dev/null)" != "$(CURDIR)" ]; then \
-		$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e . >/dev/null && echo "$(CURDIR)" > $(VENV)/.metacot-src; fi
 
 $(VENV)/.installed:
 	@echo ">> creating $(VENV) (one-time: torch, diffusers, transformers, deepspeed, ...; a few minutes)"
 	@rm -rf $(VENV) && $(PYTHON) -m venv $(VENV)
 	@$(VENV)/bin/pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v "^WARNING: Location" || true
 	@set -o pipefail; DS_BUILD_OPS=0 $(VENV)/bin/pip install -q -e '.[train,test]' 2>&1 | grep -v "^WARNING: Location" || exit 1
-	@echo "$(CURDIR)" > $(VENV)/.metacot-src
 	@touch $@
 
 vllm-env:

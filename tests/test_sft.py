@@ -90,16 +90,15 @@ def test_exact_resume_is_bit_identical(tiny_models, tiny_dataset, tmp_path, monk
 def test_overfits_eight_examples(tiny_models, tiny_dataset, tmp_path) -> None:
     from metacot.sft.trainer import train
 
-    lines = [x for x in (tiny_dataset / "train.jsonl").read_text().splitlines() if '"type":"edit"' in x][:8]
-    lines += [x for x in (tiny_dataset / "train.jsonl").read_text().splitlines()
-              if '"type":"understanding"' in x][:8]
-    small = tiny_dataset / "eight.jsonl"
-    small.write_text("\n".join(lines) + "\n")
+    rows = [json.loads(x) for x in (tiny_dataset / "train.jsonl").read_text().splitlines()]
+    small = _subset(tiny_dataset, tmp_path / "data", "eight", [r for r in rows if r["type"] == "edit"][:8]
+                    + [r for r in rows if r["type"] == "understanding"][:8])
     # Full tuning of the VLM: LoRA on attention alone cannot memorise CoTs quickly in a 2-layer random model.
-    train(sft_cfg(tiny_models, small, tmp_path / "run", "train.max_steps=40", "batch_size=8", "micro_batch_size=8",
-                  "understanding.mode=full", "understanding.lr=3e-3", "generation.lr=2e-3", "cfg_dropout.text=0",
+    train(sft_cfg(tiny_models, small, tmp_path / "run", "train.max_steps=100", "batch_size=8", "micro_batch_size=8",
+                  "understanding.mode=full", "understanding.lr=3e-3", "generation.lr=3e-3", "cfg_dropout.text=0",
                   "cfg_dropout.image=0",
-                  "cfg_dropout.both=0", "train.log_every=1", "timestep_sampling=uniform"))
+                  "cfg_dropout.both=0", "train.log_every=1", "timestep_sampling=uniform", "train.lr_schedule=constant",
+                  "train.warmup_steps=0"))
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for key in ("loss_und", "loss_gen"):
         first = sum(r[key] for r in rows[:3]) / 3
@@ -153,25 +152,34 @@ def test_no_cot_run_never_encodes_a_cot(tiny_models, tiny_dataset, tmp_path, mon
     assert seen and not any("Meta-CoT" in p or "<task_summary>" in p for p in seen)
 
 
-def _bad(name: str, tiny_dataset: Path, mutate) -> Path:
-    rows = [json.loads(x) for x in (tiny_dataset / "train.jsonl").read_text().splitlines()][:6]
-    mutate(rows)
-    path = tiny_dataset / f"bad_{name}.jsonl"  # beside the images: paths in records are relative
+def _subset(tiny_dataset: Path, folder: Path, name: str, rows: list[dict]) -> Path:
+    """Write ``rows`` as a JSONL in ``folder`` beside a link to the shared dataset's images (record paths are
+    relative; the shared dataset folder itself is never written to)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "images").exists():
+        (folder / "images").symlink_to(tiny_dataset / "images")
+    path = folder / f"{name}.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
 
 
-def test_bad_data_fails_before_training(tiny_dataset) -> None:
+def _bad(name: str, tiny_dataset: Path, folder: Path, mutate) -> Path:
+    rows = [json.loads(x) for x in (tiny_dataset / "train.jsonl").read_text().splitlines()][:6]
+    mutate(rows)
+    return _subset(tiny_dataset, folder, f"bad_{name}", rows)
+
+
+def test_bad_data_fails_before_training(tiny_dataset, tmp_path) -> None:
     load = lambda p, **kw: load_sft_dataset(p, resolution=32, no_cot=False, include_instruction=True,  # noqa: E731
                                             use_understanding=True, **kw)
-    missing = _bad("missing", tiny_dataset, lambda rs: rs[0].update(source_image="images/nope.png"))
+    missing = _bad("missing", tiny_dataset, tmp_path, lambda rs: rs[0].update(source_image="images/nope.png"))
     with pytest.raises(DataError, match=r"bad_missing.jsonl:1:.*nope.png"):
         load(missing)
-    torn_cot = _bad("cot", tiny_dataset, lambda rs: rs[0]["cot"].pop("thinking"))
+    torn_cot = _bad("cot", tiny_dataset, tmp_path, lambda rs: rs[0]["cot"].pop("thinking"))
     with pytest.raises(DataError, match=r"bad_cot.jsonl:1"):
         load(torn_cot)
-    only_und = _bad("und", tiny_dataset, lambda rs: rs.__setitem__(slice(None),
-                                                                   [r for r in rs if r["type"] != "edit"]))
+    only_und = _bad("und", tiny_dataset, tmp_path, lambda rs: rs.__setitem__(
+        slice(None), [r for r in rs if r["type"] != "edit"]))
     with pytest.raises(SFTDataError, match="no usable edit samples"):
         load(only_und)
     with pytest.raises(SFTDataError, match="exceed the condition budget"):
