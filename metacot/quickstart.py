@@ -96,8 +96,8 @@ def grpo_overrides(q: QuickstartConfig, out: Path) -> list[str]:
             f"train.seed={q.seed}", f"rollout.group_size={q.grpo_group}",
             f"rollout.prompts_per_iteration={q.grpo_prompts}", f"rollout.batch_size={q.grpo_group * q.grpo_prompts}",
             f"rollout.num_steps={q.rollout_steps}", f"rollout.window_size={q.window_size}",
-            f"rollout.window_max={q.window_max}", f"policy.micro_batch_size={q.grpo_group * q.grpo_prompts}",
-            "policy.updates_per_epoch=1", f"generation.lr={q.grpo_lr}",
+            f"rollout.window_max={q.window_max}", f"policy.micro_batch_size={q.grpo_group * q.grpo_prompts // 2}",
+            "policy.updates_per_epoch=2", f"generation.lr={q.grpo_lr}",
             f"eval.every={max(1, q.grpo_iterations // 5)}", f"eval.num_steps={q.eval_steps}",
             f"train.save_every={max(1, q.grpo_iterations // 2)}", "train.wandb_mode=offline"]
 

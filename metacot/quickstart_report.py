@@ -83,9 +83,9 @@ def _table(results: dict[str, Any], measure: str) -> str:
         body.append(f"<tr><td>{html.escape(task)}</td><td>{n}</td>{cells}</tr>")
     cells = "".join(f"<td><b>{_fmt(results['methods'][m]['overall'].get(measure))}</b></td>" for m in methods)
     body.append(f"<tr><td><b>overall</b></td><td>{results['methods'][methods[-1]]['n']}</td>{cells}</tr>")
-    return (f"<table><tr><th>meta-task</th><th>n</th>{head}</tr>{''.join(body)}</table>"
-            f"<p class=note>{html.escape(measure)}: {html.escape(MEASURE_HELP.get(measure, ''))}; higher is better. "
-            f"copy = return the source; erase = blank the edited region.</p>")
+    return (f"<p class=note><b>{html.escape(measure)}</b>: {html.escape(MEASURE_HELP.get(measure, ''))}; higher is "
+            f"better. copy = return the source; erase = blank the edited region.</p>"
+            f"<table><tr><th>meta-task</th><th>n</th>{head}</tr>{''.join(body)}</table>")
 
 
 def _img(path: Path | None, out: Path, alt: str) -> str:
@@ -95,6 +95,20 @@ def _img(path: Path | None, out: Path, alt: str) -> str:
     if dest != path:
         shutil.copyfile(path, dest)
     return f'<img src="{dest.name}" alt="{html.escape(alt)}">'
+
+
+def _verdict(sft: dict[str, Any], grpo: dict[str, Any], results: dict[str, Any]) -> str:
+    """One plain sentence on what the numbers say (they are whatever the run measured)."""
+    def cmp(a: float | None, b: float | None) -> str:
+        return "n/a" if a is None or b is None else ("above" if a > b else "below")
+
+    erase = results["methods"]["erase"]["overall"]["sim_changed"]
+    copy = results["methods"]["copy"]["overall"]["sim_changed"]
+    after = grpo["sim_changed"]
+    change = "raised" if (after or 0) > (sft["sim_changed"] or 0) else "lowered"
+    return (f"Flow-GRPO {change} changed-pixel agreement from {_fmt(sft['sim_changed'])} to {_fmt(after)}; the final "
+            f"model is {cmp(after, copy)} the copy baseline and {cmp(after, erase)} the erase baseline. Look at the "
+            f"grid below before trusting any number: at tiny scale the edits may not be recognisable yet.")
 
 
 def write_report(out: Path, q: Any, stages: list[dict[str, Any]], total_s: float) -> Path:
@@ -127,6 +141,7 @@ Total {total_s / 60:.1f} min.</p>
 {_fmt(sft_o['sim_kept'])} → {_fmt(grpo_o['sim_kept'])}; whole image {_fmt(sft_o['sim'])} → {_fmt(grpo_o['sim'])}.
 Baselines: copy {_fmt(results['methods']['copy']['overall']['sim_changed'])}, erase
 {_fmt(results['methods']['erase']['overall']['sim_changed'])} (changed pixels).</p>
+<p><b>{html.escape(_verdict(sft_o, grpo_o, results))}</b></p>
 {_table(results, 'sim_changed')}
 {_table(results, 'sim_kept')}
 <h3>Same test prompts: source | SFT | GRPO | ground truth</h3>{_img(_grid(out, first_ids), out, 'grid')}

@@ -377,7 +377,7 @@ def plot_scatter(report: dict[str, Any], path: Path) -> None:
     variants = report["variants"]
     cols = min(3, len(variants))
     rows = -(-len(variants) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(6.0, 4.2 * cols), 4.2 * rows), squeeze=False)
     for ax, v in zip(axes.flat, variants):
         ax.scatter([p["human"] for p in v["pairs"]], [p["judge"] for p in v["pairs"]], s=18, alpha=0.5)
         ax.plot([0, 10], [0, 10], "k--", linewidth=1, label="judge = human")
