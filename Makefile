@@ -13,6 +13,8 @@ VENV := $(METACOT_CACHE)/venvs/core-$(DEPS_HASH)
 VLLM_HASH := $(shell sha256sum launch/vllm_env.sh 2>/dev/null | cut -c1-12)
 VLLM_VENV := $(METACOT_CACHE)/venvs/vllm-$(VLLM_HASH)
 PY := $(VENV)/bin/python
+# DeepSpeed JIT-compiles a small CPU op; a folder per venv avoids recompiling it whenever another venv used it last.
+export TORCH_EXTENSIONS_DIR ?= $(VENV)/torch_extensions
 
 .PHONY: quickstart test venv vllm-env system-deps clean-venvs
 

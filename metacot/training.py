@@ -164,8 +164,14 @@ def build_accelerator(train: TrainConfig, *, micro_batch: int, grad_accum: int) 
         return Accelerator(mixed_precision=precision, cpu=train.resolved_device().type == "cpu",
                            gradient_accumulation_steps=grad_accum,
                            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    handlers = []
+    if train.resolved_device().type == "cpu":
+        from accelerate.utils import InitProcessGroupKwargs
+
+        # Without an explicit gloo group, accelerate + DeepSpeed on CPU tell every rank it is rank 0 of 1.
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     return Accelerator(mixed_precision=precision, deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds),
-                       gradient_accumulation_steps=grad_accum)
+                       gradient_accumulation_steps=grad_accum, kwargs_handlers=handlers)
 
 
 def release_accelerator(accelerator: Any) -> None:
