@@ -39,7 +39,7 @@ def test_iteration_logs_trains_generation_only_and_first_ratio_is_one(tiny_sft_r
     from metacot.flow_grpo.trainer import train
 
     final = train(grpo_cfg(tiny_sft_run, tiny_dataset, tmp_path / "run", "train.max_steps=2",
-                           "rewards={brightness: {weight: 1.0}}"))
+                           "rewards={brightness: {weight: 1.0}}", "policy.kl_beta=0.1"))
     logged = rows(tmp_path / "run")
     it = [r for r in logged if "reward_mean" in r]
     assert [r["step"] for r in it] == [1, 2] and [r["optimizer_step"] for r in it] == [1, 2]
@@ -48,6 +48,9 @@ def test_iteration_logs_trains_generation_only_and_first_ratio_is_one(tiny_sft_r
         assert key in it[0], key
     # One update per iteration on freshly recomputed old log-probs: the ratio is exactly 1, nothing clipped.
     assert it[0]["ratio_mean"] == 1.0 and it[0]["clipfrac"] == 0.0 and it[0]["approx_kl"] == 0.0
+    # Fresh LoRA adapters (B = 0): the policy equals the reference (adapters disabled), so the KL starts at 0 and
+    # grows once the adapters moved.
+    assert it[0]["kl_ref"] == 0.0 and it[1]["kl_ref"] > 0.0
     sft = tiny_sft_run / "final"
     assert not any(not torch.equal(a, b) for a, b in zip(weights(sft / "text_encoder").values(),
                                                         weights(final / "text_encoder").values())), \
