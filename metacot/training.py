@@ -361,6 +361,24 @@ class Preempted(RuntimeError):
         self.step, self.checkpoint = step, checkpoint
 
 
+def progress_bar(train: TrainConfig, accelerator: Any, initial: int, desc: str) -> Any:
+    """A tqdm bar over ``train.max_steps`` on the main rank when ``train.progress``; None otherwise."""
+    if not (train.progress and accelerator.is_main_process):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=train.max_steps, initial=initial, desc=desc, dynamic_ncols=True)
+
+
+def stop_if_requested(stop: "StopFlag", run: Any, step: int, save: Callable[[], Path | None]) -> None:
+    """At a step boundary: if a stop signal arrived, checkpoint (``save``), log it and raise :class:`Preempted`."""
+    if not stop.requested:
+        return
+    checkpoint = save() or run.latest_checkpoint()
+    run.log(step, stopped_by=stop.signal_name)
+    raise Preempted(step, checkpoint)
+
+
 class StopFlag:
     """Set by SIGUSR1 / SIGTERM (SLURM's warning signal before a time limit or preemption, or ``scancel``).
 

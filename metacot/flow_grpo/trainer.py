@@ -38,8 +38,20 @@ from metacot.cot.schema import EditRecord, load_records
 from metacot.final import FROZEN, consolidate, write_final
 from metacot.flow_grpo.config import GRPOConfig
 from metacot.flow_grpo.gate import check_calibration_gate
-from metacot.flow_grpo.math import draw_window, ema_update, group_advantages, grpo_policy_loss, kl_to_reference
-from metacot.flow_grpo.rollout import Conditions, Trajectory, decode, sample_with_window, score_step
+from metacot.flow_grpo.math import (
+    draw_window,
+    ema_update,
+    group_advantages,
+    grpo_policy_loss,
+    kl_to_reference,
+)
+from metacot.flow_grpo.rollout import (
+    Conditions,
+    Trajectory,
+    decode,
+    sample_with_window,
+    score_step,
+)
 from metacot.flow_grpo.sde import default_clip_range
 from metacot.models.conditioning import NEGATIVE_PROMPT, encode_conditions
 from metacot.models.loading import EditingModel, load_editing_model
@@ -47,22 +59,28 @@ from metacot.models.sampler import encode_latents, sigma_schedule
 from metacot.run import Run
 from metacot.sft.data import condition_prompt
 from metacot.training import (
-    Preempted,
     StopFlag,
     build_accelerator,
-    seed_everything,
     epoch_batch_indices,
     load_training_state,
     lr_lambda,
     plot_metrics,
     prepare_expert,
+    progress_bar,
     release_accelerator,
     save_checkpoint,
+    seed_everything,
     step_generator,
+    stop_if_requested,
     trainable_parameters,
 )
 from metacot.understanding import write_cots
-from rewards.contract import RewardBatch, WeightedReward, build_reward, build_weighted_reward
+from rewards.contract import (
+    RewardBatch,
+    WeightedReward,
+    build_reward,
+    build_weighted_reward,
+)
 
 
 @dataclass
@@ -525,11 +543,7 @@ def train(cfg: GRPOConfig) -> Path:
     """Run Stage 2 to ``train.max_steps`` iterations (resuming if possible); returns ``final/``."""
     state = setup(cfg)
     acc = state.accelerator
-    bar = None
-    if cfg.train.progress and acc.is_main_process:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.train.max_steps, initial=state.iteration, desc="grpo", dynamic_ncols=True)
+    bar = progress_bar(cfg.train, acc, state.iteration, "grpo")
     stop = StopFlag()
     pool = ThreadPoolExecutor(max_workers=cfg.reward_workers, thread_name_prefix="reward")
     try:
@@ -537,10 +551,7 @@ def train(cfg: GRPOConfig) -> Path:
             # Every rank evaluates (a ZeRO-3 forward is collective); only the main rank writes.
             state.run.log(0, **evaluate(state))
         while state.iteration < cfg.train.max_steps:
-            if stop.requested:
-                ckpt = maybe_save_checkpoint(state, force=True) or state.run.latest_checkpoint()
-                state.run.log(state.iteration, stopped_by=stop.signal_name)
-                raise Preempted(state.iteration, ckpt)
+            stop_if_requested(stop, state.run, state.iteration, lambda: maybe_save_checkpoint(state, force=True))
             metrics = iteration_step(state, pool)
             every = cfg.eval.every
             if (every and state.iteration % every == 0) or state.iteration == cfg.train.max_steps:

@@ -28,26 +28,35 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from metacot.models.conditioning import NEGATIVE_PROMPT, condition_text_token_counts, encode_conditions
+from metacot.final import save_final
+from metacot.models.conditioning import (
+    NEGATIVE_PROMPT,
+    condition_text_token_counts,
+    encode_conditions,
+)
 from metacot.models.loading import EditingModel, load_editing_model
 from metacot.models.sampler import encode_latents, image_shapes
 from metacot.run import Run
 from metacot.sft.config import SFTConfig
-from metacot.sft.data import EditSample, SFTDataset, UnderstandingSample, load_sft_dataset
-from metacot.final import save_final
+from metacot.sft.data import (
+    EditSample,
+    SFTDataset,
+    UnderstandingSample,
+    load_sft_dataset,
+)
 from metacot.training import (
+    StopFlag,
     build_accelerator,
-    seed_everything,
-    epoch_batch_indices,  # noqa: F401  (re-exported for tests of the data order)
     load_training_state,
     lr_lambda,
-    Preempted,
-    StopFlag,
     plot_metrics,
     prepare_expert,
+    progress_bar,
     release_accelerator,
     save_checkpoint,
+    seed_everything,
     step_generator,
+    stop_if_requested,
     trainable_parameters,
 )
 
@@ -306,19 +315,12 @@ def train(cfg: SFTConfig) -> Path:
     """Run Stage 1 to ``train.max_steps`` (resuming if a checkpoint exists); returns the ``final/`` folder."""
     state = setup(cfg)
     acc = state.accelerator
-    bar = None
-    if cfg.train.progress and acc.is_main_process:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.train.max_steps, initial=state.step, desc="sft", dynamic_ncols=True)
+    bar = progress_bar(cfg.train, acc, state.step, "sft")
     t0, first = time.perf_counter(), state.step
     stop = StopFlag()
     try:
         while state.step < cfg.train.max_steps:
-            if stop.requested:
-                ckpt = maybe_save_checkpoint(state, force=True) or state.run.latest_checkpoint()
-                state.run.log(state.step, stopped_by=stop.signal_name)
-                raise Preempted(state.step, ckpt)
+            stop_if_requested(stop, state.run, state.step, lambda: maybe_save_checkpoint(state, force=True))
             metrics = train_step(state)
             if acc.is_main_process and (state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps):
                 state.run.log(state.step, **metrics, samples_per_s=(state.step - first) * cfg.batch_size
