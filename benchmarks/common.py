@@ -46,7 +46,7 @@ SCHEDULER_CONFIG = {"base_image_seq_len": 256, "base_shift": 0.5, "invert_sigmas
                     "use_dynamic_shifting": True, "use_exponential_sigmas": False, "use_karras_sigmas": False}
 # A tiny configuration with the same structure, for a CPU smoke run of the scripts (--tiny).
 TINY_MMDIT_CONFIG = {**MMDIT_CONFIG, "in_channels": 16, "out_channels": 4, "num_layers": 2, "attention_head_dim": 16,
-                     "num_attention_heads": 2, "joint_attention_dim": 32, "axes_dims_rope": (4, 6, 6)}
+                     "num_attention_heads": 2, "joint_attention_dim": 64, "axes_dims_rope": (4, 6, 6)}
 
 RESOLUTION = 512  # pixels per side: 512 / 8 (VAE) / 2 (packing) = 32 -> 1,024 tokens per image
 TEXT_TOKENS = 256
@@ -113,24 +113,25 @@ def base_transformer(module: Any) -> Any:
     return module.get_base_model() if hasattr(module, "get_base_model") else module
 
 
-def set_block_checkpointing(module: Any, blocks: int) -> None:
-    """Recompute the first ``blocks`` MMDiT blocks in backward; the others keep their activations.
+@contextlib.contextmanager
+def peft_lora_forward(module: torch.nn.Module) -> Iterator[None]:
+    """Run LoRA layers through peft's own forward for the block (undoes ``fuse_lora_for_inference`` for a
+    comparison or for FLOP counting by hooks on the factor matmuls)."""
+    patched = [m for m in module.modules() if hasattr(m, "_metacot_peft_forward")]
+    saved = [m.forward for m in patched]
+    for m in patched:
+        m.forward = m._metacot_peft_forward
+    try:
+        yield
+    finally:
+        for m, f in zip(patched, saved):
+            m.forward = f
 
-    0 disables checkpointing; ``len(transformer_blocks)`` is diffusers' full checkpointing. Which blocks are
-    recomputed does not change peak memory (every stored activation is alive when backward starts), only how many.
-    """
-    model = base_transformer(module)
-    chosen = {id(b) for b in list(model.transformer_blocks)[:blocks]}
-    if not chosen:
-        model.disable_gradient_checkpointing()
-        return
 
-    def selective(block: torch.nn.Module, *args: Any) -> Any:
-        if id(block) in chosen:
-            return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
-        return block(*args)
-
-    model.enable_gradient_checkpointing(gradient_checkpointing_func=selective)
+def uncompile_blocks(module: Any) -> None:
+    """Undo ``nn.Module.compile`` on the MMDiT blocks (eager again)."""
+    for block in base_transformer(module).transformer_blocks:
+        block._compiled_call_impl = None
 
 
 def lora_to_bf16_with_noise(module: torch.nn.Module, bf16: bool) -> None:
@@ -161,9 +162,11 @@ class Stubs:
             ``predict_velocity`` and masked in attention, as real conditions are).
     """
 
-    def __init__(self, model: Any, resolution: int, negative_valid: int = TEXT_TOKENS) -> None:
+    def __init__(self, model: Any, resolution: int, negative_valid: int = TEXT_TOKENS,
+                 source_tokens: int | None = None) -> None:
         self.model, self.sh, self.size = model, shapes(model, resolution), resolution
         self.negative_valid = negative_valid
+        self.source_tokens = source_tokens or self.sh.image
         self.gen = torch.Generator(device="cpu").manual_seed(2)
 
     def _randn(self, *shape: int) -> torch.Tensor:
@@ -179,7 +182,39 @@ class Stubs:
         return self._randn(n, length, self.sh.text_width), mask
 
     def encode_latents(self, model: Any, images: Sequence[Any]) -> torch.Tensor:
-        return self._randn(len(images), self.sh.image, self.sh.channels)
+        return self._randn(len(images), self.source_tokens, self.sh.channels)
+
+
+# Public config of Qwen/Qwen2.5-VL-7B-Instruct (config.json): the condition encoder of Qwen-Image-Edit.
+VLM_7B_TEXT = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+               "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 128000}
+VLM_7B_VISION = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 3584,
+                 "fullatt_block_indexes": [7, 15, 23, 31], "window_size": 112}
+
+
+def build_vlm_7b(processor_dir: str | Path, device: torch.device, *, tiny: bool = False) -> tuple[Any, Any]:
+    """A Qwen2.5-VL-7B-size VLM (random bf16 weights, built on ``device``) and a processor.
+
+    The processor (tokenizer, chat template, image processor) and the special-token ids come from a metacot tiny VLM
+    folder (``metacot models tiny`` writes one; ``--vlm-dir``): its vocabulary is small, so token counts of a prompt
+    differ from the real tokenizer's; the benchmark reports the condition lengths it got. ``tiny`` keeps the tiny
+    sizes (CPU smoke test).
+    """
+    from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(processor_dir)
+    if not tiny:
+        for key, value in VLM_7B_TEXT.items():
+            setattr(config.text_config, key, value)
+        config.text_config.rope_parameters = {**config.text_config.rope_parameters, "mrope_section": [16, 24, 24]}
+        config.text_config.layer_types = ["full_attention"] * VLM_7B_TEXT["num_hidden_layers"]
+        for key, value in VLM_7B_VISION.items():
+            setattr(config.vision_config, key, value)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(4)
+    with torch.device(device), _default_dtype(dtype):
+        vlm = Qwen2_5_VLForConditionalGeneration(config).eval().requires_grad_(False)
+    return vlm, AutoProcessor.from_pretrained(processor_dir)
 
 
 def source_images(n: int, resolution: int) -> list[Any]:
@@ -226,7 +261,9 @@ def count_forward_flops(transformer: Any, call: Callable[[], Any], seq_tokens: i
     handles = [m.register_forward_hook(hook) for m in transformer.modules() if isinstance(m, torch.nn.Linear)]
     handles.append(model.register_forward_pre_hook(count_sequences, with_kwargs=True))
     try:
-        with torch.no_grad():
+        # peft's factored path, so every matmul (LoRA factors included) goes through a hooked nn.Linear; the
+        # count is the issue's convention whichever path the timed runs take.
+        with torch.no_grad(), peft_lora_forward(transformer):
             call()
     finally:
         for h in handles:

@@ -28,6 +28,7 @@ evaluation passes and checkpoints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import sys
 import tempfile
@@ -42,8 +43,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
+from metacot.models.speed import set_block_checkpointing
+
 WINDOWS = {"full": (9, 9), "early2": (2, 4)}
-DEFAULTS = {"window": "full", "mb": "4", "ckpt": "all", "old": "recompute", "rbatch": "8", "neg": "256"}
+DEFAULTS = {"window": "full", "mb": "4", "ckpt": "all", "old": "recompute", "rbatch": "8", "neg": "256",
+            "attn": "", "compile": "0", "fuse": "1", "src": "out", "vlm": "none"}
+
+
+def source_area(args: argparse.Namespace, tokens: int) -> int:
+    """``data.source_area`` for ``tokens`` source latent tokens (0 when that is the output's own count)."""
+    side = 2 * (4 if args.tiny else 8)  # pixels per latent token side: VAE downsampling x 2x2 packing
+    return 0 if tokens == (args.resolution // side) ** 2 else tokens * side * side
 
 
 class SlowReward:
@@ -83,27 +93,36 @@ def make_config(args: argparse.Namespace, v: dict[str, str], out: str) -> Any:
     from metacot.training import ExpertConfig, LoRAConfig, TrainConfig
 
     size, wmax = WINDOWS[v["window"]]
+    area = 0 if v["src"] == "out" else source_area(args, int(v["src"]))
     return GRPOConfig(
-        model="in-code", output_dir=out, data=GRPOData(train="in-code", resolution=args.resolution),
+        model="in-code", output_dir=out, data=GRPOData(train="in-code", resolution=args.resolution, source_area=area),
         train=TrainConfig(max_steps=10_000, deepspeed="none", device="auto",
                           mixed_precision="bf16" if args.adapters == "fp32-autocast" else "no",
                           wandb_mode="disabled", progress=False, resume=False),
         generation=ExpertConfig(mode="lora", lr=3e-4, weight_decay=1e-4, gradient_checkpointing=v["ckpt"] == "all",
-                                lora=LoRAConfig(r=64, alpha=128, target_modules=common.ATTENTION + common.MLP)),
+                                lora=LoRAConfig(r=64, alpha=128, target_modules=common.ATTENTION + common.MLP),
+                                fused_lora_inference=v["fuse"] == "1", compile=v["compile"] == "1",
+                                attention_backend=v["attn"]),
         rollout=Rollout(group_size=8, prompts_per_iteration=1, batch_size=int(v["rbatch"]), num_steps=10,
                         cfg_scale=4.0, window_size=size, window_max=wmax),
         policy=Policy(micro_batch_size=int(v["mb"]), updates_per_epoch=2, inner_epochs=1, old_logprob=v["old"]),
         eval=EvalConfig(every=0, prompts=1), reward_workers=2)
 
 
-def fake_prompts(n: int, resolution: int) -> list[Any]:
+COT_TEXT = ("Meta-tasks: Replace. Task thinking: the red mug on the left of the desk becomes a blue ceramic mug of "
+            "the same size and pose; lighting and shadows follow the new material. Target traversal: desk (kept), "
+            "laptop (kept), lamp (kept), red mug (replaced by a blue mug), window (kept), plant (kept). ")
+
+
+def fake_prompts(n: int, resolution: int, cot_repeats: int = 1) -> list[Any]:
     from types import SimpleNamespace
 
     from metacot.flow_grpo.trainer import Prompt
 
     images = common.source_images(n, resolution)
     return [Prompt(SimpleNamespace(id=f"p{i}", instruction="make it red", category="recolor", scene_before=None,
-                                   scene_after=None), images[i], None, None, "(cot)") for i in range(n)]
+                                   scene_after=None), images[i], None, None, COT_TEXT * cot_repeats)
+            for i in range(n)]
 
 
 def build_state(args: argparse.Namespace, device: torch.device, v: dict[str, str]) -> tuple[Any, common.Stubs]:
@@ -111,10 +130,14 @@ def build_state(args: argparse.Namespace, device: torch.device, v: dict[str, str
     from rewards.contract import WeightedReward
 
     model = common.build_model(args.layers, device, tiny=args.tiny)
-    model.vlm = torch.nn.Linear(1, 1, device=device)  # the frozen condition encoder: stubbed, never called
-    stubs = common.Stubs(model, args.resolution, negative_valid=int(v["neg"]))
+    if v["vlm"] == "7b":  # the condition encoder resident on the GPU, run by the trainer inside each iteration
+        model.vlm, model.processor = common.build_vlm_7b(args.vlm_dir, device, tiny=args.tiny)
+    else:
+        model.vlm = torch.nn.Linear(1, 1, device=device)  # the frozen condition encoder: stubbed, never called
+    stubs = common.Stubs(model, args.resolution, negative_valid=int(v["neg"]),
+                         source_tokens=None if v["src"] == "out" else int(v["src"]))
     cfg = make_config(args, v, tempfile.mkdtemp(prefix="bench-grpo-"))
-    prompts = fake_prompts(4, args.resolution)
+    prompts = fake_prompts(4, args.resolution, cot_repeats=args.cot_repeats)
     with common.patch(grpo, load_editing_model=lambda *a, **k: model,
                       check_calibration_gate=lambda cfg: {"benchmark": "no judge; gate not checked"},
                       _load_prompts=lambda *a, **k: prompts,
@@ -135,7 +158,15 @@ def fake_conditions(stubs: common.Stubs, n: int, negative_valid: int | None = No
     stubs.negative_valid = negative_valid or old
     neg, neg_mask = stubs.encode_conditions(None, None, [None] * n, [NEGATIVE_PROMPT] * n)
     stubs.negative_valid = old
-    return Conditions(embeds, mask, neg, neg_mask, stubs.encode_latents(None, [None] * n))
+    return Conditions(embeds, mask, neg, neg_mask, stubs.encode_latents(None, [None] * n), source_size(stubs))
+
+
+def source_size(stubs: common.Stubs) -> tuple[int, int] | None:
+    """(height, width) in pixels of the (square) source the stub latents stand for; None = the output size."""
+    if stubs.source_tokens == stubs.sh.image:
+        return None
+    side = int(round(stubs.source_tokens ** 0.5)) * stubs.model.vae_scale_factor * 2
+    return side, side
 
 
 def pair_flops(state: Any, stubs: common.Stubs) -> dict[str, float]:
@@ -145,7 +176,7 @@ def pair_flops(state: Any, stubs: common.Stubs) -> dict[str, float]:
     policy = state.accelerator.unwrap_model(state.policy)
     cond = fake_conditions(stubs, 1)
     x = torch.randn(1, stubs.sh.image, stubs.sh.channels, device=state.device)
-    seq = stubs.sh.image * 2 + stubs.sh.text
+    seq = stubs.sh.image + stubs.source_tokens + stubs.sh.text
     return common.count_forward_flops(policy, lambda: velocity(state.base, policy, x, cond, 0.9, 4.0, stubs.size), seq)
 
 
@@ -173,32 +204,58 @@ def fit_blocks(state: Any, stubs: common.Stubs, layers: int) -> tuple[int | None
     step = max(1, layers // 10)
     failed = []
     for k in list(range(0, layers, step)) + [layers]:
-        common.set_block_checkpointing(state.policy, k)
+        set_block_checkpointing(state.policy, k)
         if probe_train_step(state, stubs):
             return k, failed
         failed.append(k)
     return None, failed
 
 
-def denoise_forwards(state: Any, stubs: common.Stubs, pair: float, peak: float) -> list[dict[str, Any]]:
-    """The rollout's CFG-batched velocity forward alone (no grad), per rollout batch and negative padding."""
+FORWARD_SETTINGS = [("peft", "native"), ("fused", "native"), ("fused", "_native_cudnn"), ("fused", "_native_flash")]
+
+
+def denoise_forwards(state: Any, stubs: common.Stubs, pair: float, peak: float, *, compile_best: bool,
+                     batches: tuple[int, ...] = (8, 4)) -> list[dict[str, Any]]:
+    """The rollout's CFG-batched velocity forward alone (no grad): peft's LoRA path vs the fused one, attention
+    backends, then the fastest setting with compiled blocks; at rollout batch 8 (16 sequences) and 4."""
     from metacot.flow_grpo.rollout import velocity
+    from metacot.models.speed import compile_blocks, set_attention_backend
 
     policy = state.accelerator.unwrap_model(state.policy)
-    rows = []
-    for batch in (4, 8):
-        for neg in (stubs.sh.text, stubs.sh.text // 8):
-            cond = fake_conditions(stubs, batch, neg)
-            x = torch.randn(batch, stubs.sh.image, stubs.sh.channels, device=state.device)
-            def call(x: torch.Tensor = x, cond: Any = cond) -> torch.Tensor:
-                return velocity(state.base, policy, x, cond, 0.9, 4.0, stubs.size)
+    rows: list[dict[str, Any]] = []
 
-            with torch.no_grad():
-                times = [common.timed(call, state.device)[0] for _ in range(4)][1:]  # the first is a warm-up
-            t = sorted(times)[1]
-            rows.append({"rollout_batch": batch, "sequences": 2 * batch, "negative_valid_tokens": neg,
-                         "padded_mask": neg != stubs.sh.text, "forward_s": t, "samples_s": times,
-                         "mfu": pair * batch / t / (peak * 1e12)})
+    def measure(batch: int, lora: str, backend: str, compiled: bool) -> dict[str, Any]:
+        cond = fake_conditions(stubs, batch)
+        x = torch.randn(batch, stubs.sh.image, stubs.sh.channels, device=state.device)
+        set_attention_backend(policy, backend)
+        peft = common.peft_lora_forward(policy) if lora == "peft" else contextlib.nullcontext()
+        with torch.no_grad(), peft:
+            first, _ = common.timed(lambda: velocity(state.base, policy, x, cond, 0.9, 4.0, stubs.size), state.device)
+            times = [common.timed(lambda: velocity(state.base, policy, x, cond, 0.9, 4.0, stubs.size),
+                                  state.device)[0] for _ in range(3)]
+        t = sorted(times)[1]
+        row = {"rollout_batch": batch, "sequences": 2 * batch, "lora": lora, "attention": backend,
+               "compiled": compiled, "forward_s": t, "samples_s": times, "first_s": first,
+               "mfu": pair * batch / t / (peak * 1e12)}
+        print({k: v for k, v in row.items() if k != "samples_s"}, flush=True)
+        return row
+
+    for batch in batches:
+        for lora, backend in FORWARD_SETTINGS:
+            try:
+                rows.append(measure(batch, lora, backend, False))
+            except Exception as exc:  # an attention backend this GPU / build lacks: recorded, not fatal
+                rows.append({"rollout_batch": batch, "lora": lora, "attention": backend, "error": repr(exc)[:300]})
+    fused = [r for r in rows if r.get("lora") == "fused" and "forward_s" in r and r["rollout_batch"] == batches[0]]
+    best = min(fused, key=lambda r: r["forward_s"])["attention"]
+    if compile_best:
+        compile_blocks(policy)
+        try:
+            for batch in batches:
+                rows.append(measure(batch, "fused", best, True))
+        finally:
+            common.uncompile_blocks(policy)
+    set_attention_backend(policy, state.cfg.generation.attention_backend or "native")
     return rows
 
 
@@ -206,8 +263,11 @@ def run_iterations(state: Any, stubs: common.Stubs, n: int) -> list[dict[str, An
     import metacot.flow_grpo.trainer as grpo
 
     out = []
+    stub_encoders = {"encode_latents": stubs.encode_latents}
+    if state.base.processor is None:  # no VLM built: random conditions of the real shape
+        stub_encoders["encode_conditions"] = stubs.encode_conditions
     with ThreadPoolExecutor(max_workers=state.cfg.reward_workers, thread_name_prefix="reward") as pool, \
-            common.patch(grpo, encode_latents=stubs.encode_latents, encode_conditions=stubs.encode_conditions):
+            common.patch(grpo, **stub_encoders):
         for _ in range(n):
             t, metrics = common.timed(lambda: grpo.iteration_step(state, pool), state.device)
             out.append({k: metrics[k] for k in ("time_rollout", "time_reward_wait", "time_train", "time_iteration",
@@ -245,6 +305,15 @@ def run_variant(args: argparse.Namespace, device: torch.device, spec: str, peak:
     t0 = time.perf_counter()
     state, stubs = build_state(args, device, v)
     row["setup_s"] = time.perf_counter() - t0
+    row["source_tokens"] = stubs.source_tokens
+    if state.base.processor is not None:
+        from metacot.models.conditioning import condition_text_token_counts
+        from metacot.sft.data import condition_prompt
+
+        p0 = state.prompts[0]
+        text = condition_prompt(p0.record.instruction, p0.cot_text, no_cot=False, include_instruction=True)
+        row["condition_text_tokens"] = condition_text_token_counts(state.base.processor, [text])[0]
+        row["vlm_params_b"] = sum(p.numel() for p in state.base.vlm.parameters()) / 1e9
     try:
         pair = pair_flops(state, stubs)
         row["pair_flops"] = pair
@@ -256,10 +325,11 @@ def run_variant(args: argparse.Namespace, device: torch.device, spec: str, peak:
         else:
             k = args.layers if v["ckpt"] == "all" else 0 if v["ckpt"] == "none" else int(v["ckpt"])
             if v["ckpt"] != "all":  # "all" is the trainer's own generation.gradient_checkpointing=true
-                common.set_block_checkpointing(state.policy, k)
+                set_block_checkpointing(state.policy, k)
             row["ckpt_blocks"] = k
         if forwards:
-            row["denoise_forwards"] = denoise_forwards(state, stubs, pair["forward"], peak)
+            row["denoise_forwards"] = denoise_forwards(state, stubs, pair["forward"], peak,
+                                                       compile_best=args.compile_forwards)
         common.reset_memory(device)
         try:
             row["iterations"] = run_iterations(state, stubs, int(v["iters"]))
@@ -284,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reward-seconds", type=float, default=1.0)
     p.add_argument("--adapters", choices=["bf16", "fp32-autocast", "fp32"], default="bf16")
     p.add_argument("--forwards", action="store_true", help="time the denoising forward alone (first variant)")
+    p.add_argument("--compile-forwards", action="store_true",
+                   help="with --forwards: also time the fastest setting with torch.compile'd blocks")
+    p.add_argument("--vlm-dir", default="build/benchwhl/vlm",
+                   help="a metacot tiny VLM folder: processor and token ids for vlm=7b (its sizes are replaced)")
+    p.add_argument("--cot-repeats", type=int, default=3, help="Meta-CoT length of the vlm=7b prompts (repeats)")
     p.add_argument("--tiny", action="store_true", help="tiny model on CPU: smoke test of the script only")
     p.add_argument("--name", default="grpo_iteration")
     p.add_argument("--out", default=common.out_dir_default())
@@ -299,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         row = run_variant(args, device, spec, peak["tflops"], forwards=args.forwards and i == 0)
         rows.append(row)
         print({k: v for k, v in row.items() if k not in ("iterations", "denoise_forwards", "pair_flops")}, flush=True)
+        common.write_result(args.out, args.name, {"benchmark": "grpo_iteration", "partial": True, "rows": rows})
     result = {"benchmark": "grpo_iteration", "env": common.environment(device), "peak_bf16_matmul": peak,
               "args": vars(args), "conventions": {"resolution": args.resolution, "target_tokens": 1024,
                                                   "source_tokens": 1024, "text_tokens": common.TEXT_TOKENS},
@@ -307,9 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\npeak bf16 matmul {peak['tflops']:.0f} TFLOP/s; wrote {path}")
     fw = [f for r in rows for f in r.get("denoise_forwards", [])]
     if fw:
-        print(common.table(fw, ["rollout_batch", "sequences", "negative_valid_tokens", "forward_s", "mfu"]))
+        print(common.table(fw, ["rollout_batch", "sequences", "lora", "attention", "compiled", "forward_s", "mfu"]))
     print(common.table(rows, ["variant", "status", "ckpt_blocks", "iteration_s", "rollout_s", "train_s",
                               "reward_wait_share", "rollout_mfu", "train_mfu", "mem_gib"]))
+    print(f"(source tokens per row: {[r.get('source_tokens') for r in rows]})")
     return 0
 
 

@@ -35,6 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
+from metacot.models.speed import set_block_checkpointing
+
 
 def make_config(args: argparse.Namespace, rank: int, ckpt_all: bool, micro: int, out: str) -> Any:
     from metacot.sft.config import CFGDropout, SFTConfig, SFTData
@@ -49,7 +51,8 @@ def make_config(args: argparse.Namespace, rank: int, ckpt_all: bool, micro: int,
                           wandb_mode="disabled", progress=False, resume=False),
         understanding=ExpertConfig(mode="frozen"),
         generation=ExpertConfig(mode="lora", lr=1e-4, lora=LoRAConfig(r=rank, alpha=rank, target_modules=targets),
-                                gradient_checkpointing=ckpt_all),
+                                gradient_checkpointing=ckpt_all, compile=args.compile,
+                                attention_backend=args.attn),
         batch_size=args.batch, micro_batch_size=micro, und_loss_weight=0.0,
         cfg_dropout=CFGDropout(text=0.0, image=0.0, both=0.0))
 
@@ -115,7 +118,7 @@ def fit_blocks(state: Any, stubs: common.Stubs, layers: int) -> tuple[int | None
     step = max(1, layers // 10)
     failed = []
     for k in list(range(0, layers, step)) + [layers]:
-        common.set_block_checkpointing(state.experts, k)
+        set_block_checkpointing(common.base_transformer(state.experts), k)
         if try_step(state, stubs) is not None:
             return k, failed
         failed.append(k)
@@ -128,14 +131,15 @@ def run_variant(args: argparse.Namespace, device: torch.device, spec: str, peak:
     rank_s, ckpt, micro_s = spec.split(",")
     rank, micro = int(rank_s), int(micro_s)
     row: dict[str, Any] = {"variant": spec, "rank": rank, "ckpt": ckpt, "micro": micro, "layers": args.layers,
-                           "batch": args.batch, "adapters": args.adapters}
+                           "batch": args.batch, "adapters": args.adapters, "compile": args.compile,
+                           "attention": args.attn or "default"}
     common.reset_memory(device)
     t0 = time.perf_counter()
     state, stubs = build_state(args, device, rank, ckpt, micro)
     row["setup_s"] = time.perf_counter() - t0
     try:
         if ckpt not in ("all", "fit"):
-            common.set_block_checkpointing(state.experts, 0 if ckpt == "none" else int(ckpt))
+            set_block_checkpointing(common.base_transformer(state.experts), 0 if ckpt == "none" else int(ckpt))
         row["flops"] = forward_flops(state, stubs)
         if ckpt == "fit":
             k, failed = fit_blocks(state, stubs, args.layers)
@@ -144,10 +148,7 @@ def run_variant(args: argparse.Namespace, device: torch.device, spec: str, peak:
                 return {**row, "status": "oom"}
         else:
             row["ckpt_blocks"] = args.layers if ckpt == "all" else 0 if ckpt == "none" else int(ckpt)
-        if args.compile:
-            t0 = time.perf_counter()
-            for block in common.base_transformer(state.experts).transformer_blocks:
-                block.compile()
+        t0 = time.perf_counter()  # with --compile the blocks compile in the first (probe or warm-up) step
         common.reset_memory(device)
         times = []
         for i in range(args.warmup + args.steps):
@@ -184,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="bf16: LoRA weights in bf16 (DeepSpeed bf16); fp32-autocast: peft's fp32 adapters under "
                         "accelerate's bf16 autocast (train.deepspeed=none on GPU); fp32: fp32 adapters, no autocast")
     p.add_argument("--mlp", action="store_true", help="LoRA on the MLPs too (default: attention projections)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each MMDiT block")
+    p.add_argument("--compile", action="store_true", help="torch.compile each MMDiT block (generation.compile)")
+    p.add_argument("--attn", default="", help="diffusers attention backend (generation.attention_backend), "
+                                                "e.g. _native_cudnn; default: diffusers' own")
     p.add_argument("--tiny", action="store_true", help="tiny model on CPU: smoke test of the script only")
     p.add_argument("--name", default="sft_step")
     p.add_argument("--out", default=common.out_dir_default())
@@ -200,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         row = run_variant(args, device, spec, peak["tflops"])
         rows.append(row)
         print({k: v for k, v in row.items() if k not in ("steps_s", "warmup_s")}, flush=True)
+        common.write_result(args.out, args.name, {"benchmark": "sft_step", "partial": True, "rows": rows})
     result = {"benchmark": "sft_step", "env": common.environment(device), "peak_bf16_matmul": peak,
               "args": vars(args), "conventions": {"resolution": args.resolution, "target_tokens": 1024,
                                                   "source_tokens": 1024, "text_tokens": common.TEXT_TOKENS},

@@ -121,6 +121,7 @@ def save_final(state: Any) -> Path:
         write_final(state.run.final_dir, fresh, vlm, transformer, und=cfg.understanding, gen=cfg.generation,
                     condition_with_adapter=cfg.condition_with_adapter,
                     facts={"stage": "sft", "base_model": str(cfg.model), "step": state.step,
-                           "no_cot": cfg.no_cot, "include_instruction": cfg.include_instruction})
+                           "no_cot": cfg.no_cot, "include_instruction": cfg.include_instruction,
+                           "source_area": cfg.data.source_area})
     acc.wait_for_everyone()
     return state.run.final_dir

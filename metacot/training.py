@@ -17,7 +17,7 @@ import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -46,10 +46,23 @@ class ExpertConfig:
     weight_decay: float = 0.0
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    # Speed options of the generation expert (the MMDiT; metacot.models.speed, measured in benchmarks/NOTES.md):
+    checkpoint_blocks: Optional[int] = None  # with gradient_checkpointing: recompute only the first N blocks (None=all)
+    fused_lora_inference: bool = True  # no-grad forwards (rollouts, eval) run LoRA layers as one merged matmul
+    compile: bool = False  # torch.compile each transformer block (first steps pay the compilation)
+    attention_backend: str = ""  # a diffusers attention backend, e.g. _native_cudnn; "" = diffusers' default
 
     def __post_init__(self) -> None:
         check(self.mode in {"full", "lora", "frozen"}, "mode", f"is {self.mode!r}; use full, lora or frozen")
         check(self.lr >= 0, "lr", "must be >= 0")
+        check(self.checkpoint_blocks is None or self.checkpoint_blocks >= 0, "checkpoint_blocks",
+              f"is {self.checkpoint_blocks}; use a number of blocks >= 0, or leave it unset for all")
+
+    def check_mmdit_only(self, key: str) -> None:
+        """Refuse the MMDiT-only speed options on another expert (the VLM), naming the key."""
+        for name, default in (("checkpoint_blocks", None), ("compile", False), ("attention_backend", "")):
+            check(getattr(self, name) == default, f"{key}.{name}",
+                  "applies to the generation expert (the MMDiT) only; remove it from this expert")
 
     @property
     def trainable(self) -> bool:

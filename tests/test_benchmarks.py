@@ -60,12 +60,23 @@ def test_sft_step_tiny(tmp_path: Path, one_process: None) -> None:
         assert row["flops"]["matmul"] / 4 == pytest.approx(_tiny_matmul_flops_per_sequence(8), rel=1e-9)
 
 
-def test_grpo_iteration_tiny(tmp_path: Path, one_process: None) -> None:
+def test_grpo_iteration_tiny(tmp_path: Path, one_process: None, tiny_models) -> None:
     assert _load("grpo_iteration").main([
         "--tiny", "--layers", "2", "--reward-seconds", "0.05", "--adapters", "fp32", "--out", str(tmp_path),
-        "--variant", "window=early2,mb=4,ckpt=none,old=rollout,iters=1"]) == 0
-    row = json.loads((tmp_path / "grpo_iteration.json").read_text())["rows"][0]
-    assert row["status"] == "ok"
+        "--forwards", "--vlm-dir", str(tiny_models.vlm),
+        "--variant", "window=early2,mb=4,ckpt=none,old=rollout,iters=1",
+        "--variant", "window=early2,mb=2,ckpt=1,iters=1,src=256,vlm=7b,attn=_native_math,fuse=0"]) == 0
+    result = json.loads((tmp_path / "grpo_iteration.json").read_text())
+    row, other = result["rows"]
+    assert row["status"] == "ok" and other["status"] == "ok"
+    # The forward comparison: peft's LoRA path and the fused one, per attention backend (the CPU lacks the
+    # GPU-only backends: recorded as errors, not fatal).
+    fw = row["denoise_forwards"]
+    assert {(r["lora"], r["attention"]) for r in fw if "forward_s" in r} >= {("peft", "native"), ("fused", "native")}
+    # A source at 4x the output's area (the stock pipeline's one megapixel at 512 px), the VLM run inside the
+    # iteration, one of two blocks checkpointed.
+    assert other["source_tokens"] == 256 and other["ckpt_blocks"] == 1 and other["condition_text_tokens"] > 50
+    assert other["pair_flops"]["matmul"] > row["pair_flops"]["matmul"]
     it = row["iterations"][0]
     assert it["optimizer_step"] == 2  # two optimizer steps per group
     assert it["window_end"] - it["window_start"] == 1 and it["window_end"] < 4  # 2 early steps

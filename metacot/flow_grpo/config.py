@@ -22,6 +22,10 @@ class GRPOData:
     train: str = MISSING  # JSONL of edit records (prompts: source image + instruction [+ Meta-CoT, scenes])
     eval: str = ""  # held-out JSONL for the periodic evaluation ("" = the first eval_prompts of train; discouraged)
     resolution: int = 32  # edits run at resolution x resolution (multiple of 16)
+    # Pixel area at which source images are VAE-encoded as the edit context: 0 = the output size (resolution^2);
+    # 1048576 = the stock QwenImageEditPipeline (about one megapixel whatever the output size; the real-weights
+    # presets use it). Stage 2 must use Stage 1's value (recorded in final/metacot.json).
+    source_area: int = 0
     cot_source: str = "data"  # "data": the record's Meta-CoT; "model": the frozen understanding expert writes it
     max_cot_tokens: int = 384  # generation budget when cot_source=model
 
@@ -102,6 +106,7 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         r, p = self.rollout, self.policy
         check(self.generation.trainable, "generation.mode", "is frozen: Stage 2 trains the generation expert")
+        check(self.data.source_area >= 0, "data.source_area", "must be 0 (the output size) or a pixel area")
         check(r.group_size >= 2, "rollout.group_size", "must be >= 2: advantages are relative within a group")
         check(r.sde_type in {"sde", "cps"}, "rollout.sde_type", "use sde or cps")
         check(0 < r.noise_level, "rollout.noise_level", "must be > 0 (0 would make every step deterministic)")

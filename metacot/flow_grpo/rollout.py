@@ -25,7 +25,8 @@ class Conditions:
     """Per-sample conditions of a rollout batch (already repeated per group member).
 
     ``embeds``/``mask`` [B, L, D]/[B, L]: the prompt; ``neg_embeds``/``neg_mask``: CFG's negative branch (or None);
-    ``image_latents`` [B, N_ctx, C]: the source image's packed latents (edit context).
+    ``image_latents`` [B, N_ctx, C]: the source image's packed latents (edit context), encoded at
+    ``source_size`` (height, width in pixels; None = the output size).
     """
 
     embeds: torch.Tensor
@@ -33,11 +34,12 @@ class Conditions:
     neg_embeds: torch.Tensor | None
     neg_mask: torch.Tensor | None
     image_latents: torch.Tensor
+    source_size: tuple[int, int] | None = None
 
     def select(self, idx: torch.Tensor) -> "Conditions":
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
         return Conditions(self.embeds[idx], pick(self.mask), pick(self.neg_embeds), pick(self.neg_mask),
-                          self.image_latents[idx])
+                          self.image_latents[idx], self.source_size)
 
 
 @dataclass
@@ -63,7 +65,7 @@ def velocity(model: Any, transformer: Any, x: torch.Tensor, cond: Conditions, si
     ``size x size`` images."""
     return predict_velocity(model, x, cond.image_latents, (cond.embeds, cond.mask), sigma, height=size, width=size,
                             neg_cond=None if cond.neg_embeds is None else (cond.neg_embeds, cond.neg_mask),
-                            cfg_scale=cfg_scale, transformer=transformer)
+                            cfg_scale=cfg_scale, transformer=transformer, source_size=cond.source_size)
 
 
 @torch.no_grad()

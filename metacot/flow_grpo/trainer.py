@@ -55,7 +55,8 @@ from metacot.flow_grpo.rollout import (
 from metacot.flow_grpo.sde import default_clip_range
 from metacot.models.conditioning import NEGATIVE_PROMPT, encode_conditions
 from metacot.models.loading import EditingModel, load_editing_model
-from metacot.models.sampler import encode_latents, sigma_schedule
+from metacot.models.sampler import encode_latents, image_shapes, sigma_schedule, source_shape
+from metacot.models.speed import apply_speed_options
 from metacot.run import Run
 from metacot.sft.data import condition_prompt
 from metacot.training import (
@@ -118,14 +119,26 @@ class GRPOState:
 
 # -- setup -----------------------------------------------------------------------------------------------------------
 
+def _stage1_meta(model_dir: str) -> dict[str, Any]:
+    """The Stage 1 facts of a run's ``final/`` (``metacot.json``; a GRPO final keeps them under ``stage1``)."""
+    meta_path = Path(model_dir) / "metacot.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return meta if meta.get("stage") == "sft" else meta.get("stage1", {})
+
+
 def stage1_prompt_options(model_dir: str) -> dict[str, bool]:
     """How the Stage 1 model was conditioned (``no_cot``, ``include_instruction`` from its ``metacot.json``), so
     Stage 2 conditions the generator the same way; plain pipeline folders get the defaults."""
-    meta_path = Path(model_dir) / "metacot.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if meta.get("stage") != "sft":
-        meta = meta.get("stage1", {})
+    meta = _stage1_meta(model_dir)
     return {"no_cot": bool(meta.get("no_cot", False)), "include_instruction": bool(meta.get("include_instruction", True))}
+
+
+def check_source_area(cfg: GRPOConfig) -> None:
+    """Refuse a ``data.source_area`` other than the one Stage 1 trained with (when its final/ records it)."""
+    trained = _stage1_meta(cfg.model).get("source_area")
+    if trained is not None and int(trained) != cfg.data.source_area:
+        raise ValueError(f"data.source_area={cfg.data.source_area}, but the Stage 1 model {cfg.model} was trained with "
+                         f"source latents of area {trained}; set data.source_area={trained}")
 
 
 def _load_prompts(path: str, base: EditingModel, cfg: GRPOConfig, limit: int | None = None) -> list[Prompt]:
@@ -135,14 +148,15 @@ def _load_prompts(path: str, base: EditingModel, cfg: GRPOConfig, limit: int | N
     if not records:
         raise ValueError(f"{path}: no edit records; Flow-GRPO needs (source image, instruction) prompts")
     res = cfg.data.resolution
+    src = source_shape(base, res, res, cfg.data.source_area)
 
-    def load(p: Any) -> Image.Image | None:
+    def load(p: Any, size: tuple[int, int] = (res, res)) -> Image.Image | None:
         if p is None:
             return None
         with Image.open(p) as img:
-            return img.convert("RGB").resize((res, res), Image.Resampling.BICUBIC)
+            return img.convert("RGB").resize(size, Image.Resampling.BICUBIC)
 
-    prompts = [Prompt(r, load(r.source_image), load(r.target_image), r.cot,
+    prompts = [Prompt(r, load(r.source_image, (src[1], src[0])), load(r.target_image), r.cot,
                       render(r.cot) if r.cot is not None else None) for r in records]
     if cfg.data.cot_source == "model":
         written = write_cots(base.vlm, base.processor, [p.source for p in prompts],
@@ -175,6 +189,7 @@ def setup(cfg: GRPOConfig) -> GRPOState:
     seed_everything(cfg.train.seed)  # adapter initialisation draws from the global RNG
     device = cfg.train.resolved_device()
     dtype = torch.bfloat16 if cfg.train.resolved_precision() == "bf16" else torch.float32
+    check_source_area(cfg)
     base = load_editing_model(cfg.model, device=device, dtype=dtype)
     base.vlm.requires_grad_(False)
     base.vae.requires_grad_(False)
@@ -195,8 +210,7 @@ def setup(cfg: GRPOConfig) -> GRPOState:
     if cfg.policy.kl_beta > 0 and cfg.generation.mode == "full":
         reference = copy.deepcopy(base.transformer).requires_grad_(False).eval()
     policy = prepare_expert(base.transformer, cfg.generation, cfg.generation.lora.target_modules)
-    if cfg.generation.gradient_checkpointing:
-        (policy.base_model.model if cfg.generation.mode == "lora" else policy).enable_gradient_checkpointing()
+    speed = apply_speed_options(policy, cfg.generation)
     optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=cfg.generation.lr,
                                   weight_decay=cfg.generation.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -206,6 +220,8 @@ def setup(cfg: GRPOConfig) -> GRPOState:
     run = Run(cfg.output_dir, cfg, resume=cfg.train.resume, writer=accelerator.is_main_process)
     if accelerator.is_main_process:
         (run.root / "gate.json").write_text(json.dumps(gate, indent=2))
+        if speed:
+            (run.root / "speed.json").write_text(json.dumps(speed, indent=2))
     ema = None
     if cfg.policy.ema_decay > 0:
         ema = [p.detach().clone().float() for p in trainable_parameters(accelerator.unwrap_model(policy))]
@@ -241,8 +257,15 @@ def _conditions(state: GRPOState, prompts: list[Prompt]) -> Conditions:
         if cfg.rollout.cfg_scale > 1:
             neg_embeds, neg_mask = encode_conditions(base.vlm, base.processor, sources,
                                                      [NEGATIVE_PROMPT] * len(prompts))
+        src = source_shape(base, cfg.data.resolution, cfg.data.resolution, cfg.data.source_area)
         latents = encode_latents(base, sources).to(state.device)
-    return Conditions(embeds, mask, neg_embeds, neg_mask, latents)
+    return Conditions(embeds, mask, neg_embeds, neg_mask, latents, src)
+
+
+def _output_tokens(state: GRPOState) -> int:
+    """Latent tokens of one output image (the source's may differ: ``data.source_area``)."""
+    _, rows, cols = image_shapes(state.base, state.cfg.data.resolution, state.cfg.data.resolution)
+    return rows * cols
 
 
 def _reward_batch(prompts: list[Prompt], images: list[Image.Image]) -> RewardBatch:
@@ -268,7 +291,7 @@ def rollout(state: GRPOState, pool: ThreadPoolExecutor) -> dict[str, Any]:
     cond = cond.select(owner)
     res = cfg.data.resolution
     gen = step_generator(cfg.train.seed, it, stream=1 + acc.process_index, device="cpu")
-    seq, channels = cond.image_latents.shape[1], cond.image_latents.shape[2]
+    seq, channels = _output_tokens(state), cond.image_latents.shape[2]
     noise_shape = (len(prompts) if r.same_initial_noise else n, seq, channels)
     x_init = torch.randn(noise_shape, generator=gen).to(state.device, cond.image_latents.dtype)
     if r.same_initial_noise:
@@ -387,15 +410,19 @@ def train_policy(state: GRPOState, ro: dict[str, Any], adv: torch.Tensor) -> dic
                     if p.kl_beta > 0:
                         kl = _kl(state, policy, ro, idx, j, mean, std)
                         loss = loss + p.kl_beta * kl.mean()
-                        stats["kl_ref"] = float(kl.mean().detach())
+                        stats["kl_ref"] = kl.mean().detach()
                     acc.backward(loss)
-                stats["loss"] = float(loss.detach())
+                stats["loss"] = loss.detach()
+                # Sums stay on the device: a float() per micro-step would make the host wait for the GPU each
+                # time instead of queueing the next step's kernels (one transfer at the end).
                 for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                    v = torch.as_tensor(v, dtype=torch.float64, device=state.device)
+                    sums[k] = sums[k] + v if k in sums else v
                 count += 1
             if (start + mb) % chunk == 0:
                 _optimizer_step(state)
-    out = {k: v / max(1, count) for k, v in sums.items()}
+    values = torch.stack(list(sums.values())).cpu().tolist() if sums else []
+    out = {k: v / max(1, count) for k, v in zip(sums, values)}
     out["clip_range"] = clip
     return out
 
@@ -455,7 +482,7 @@ def evaluate(state: GRPOState) -> dict[str, float]:
     try:
         policy = state.accelerator.unwrap_model(state.policy)
         cond = _conditions(state, prompts)
-        seq, channels = cond.image_latents.shape[1:]
+        seq, channels = _output_tokens(state), cond.image_latents.shape[2]
         gen = step_generator(cfg.train.seed, 0, stream=99)  # the same noise at every evaluation
         x = torch.randn((len(prompts), seq, channels), generator=gen).to(state.device)
         sigmas = [float(s) for s in sigma_schedule(state.base, cfg.eval.num_steps, seq)]

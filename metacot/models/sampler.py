@@ -1,6 +1,7 @@
 """metacot's explicit flow-matching edit loop, in pieces the Flow-GRPO trainer reuses.
 
-It does what ``QwenImageEditPipeline.__call__`` does, at the size it is given (no resize to one megapixel):
+It does what ``QwenImageEditPipeline.__call__`` does, at the size it is given (the source latents at the output size
+by default, or at the stock pipeline's one megapixel with ``source_area``, see :func:`source_shape`):
 
 1. :func:`encode_latents`: source images -> VAE latent mode, normalised by the VAE's ``latents_mean``/``latents_std``,
    packed into 2x2 patches ``[B, (h/2)*(w/2), 4*C]`` (the edit context the MMDiT attends to).
@@ -21,6 +22,7 @@ kwargs and guidance-distilled models (the Qwen-Image-Edit transformer has no gui
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -58,6 +60,25 @@ def resize_sources(model: EditingModel, images: Sequence[Image.Image], height: i
     check_size(model, height, width)
     processor = _image_processor(model)
     return [processor.resize(img.convert("RGB"), height, width) for img in images]
+
+
+STOCK_SOURCE_AREA = 1024 * 1024  # QwenImageEditPipeline encodes the source at about one megapixel, any output size
+
+
+def source_shape(model: EditingModel, height: int, width: int, area: int) -> tuple[int, int]:
+    """``(height, width)`` in pixels at which the source image of a ``width x height`` edit is VAE-encoded.
+
+    ``area`` 0 keeps the output size (1,024 source tokens at 512 px); ``STOCK_SOURCE_AREA`` is what the stock
+    pipeline does (about one megapixel at the output's aspect ratio, sides rounded to multiples of 32: 4,096 source
+    tokens for a square edit, whatever its size).
+    """
+    if area < 0:
+        raise ValueError(f"source_area={area}: use 0 (the output size) or a pixel area such as {STOCK_SOURCE_AREA}")
+    if area == 0:
+        return height, width
+    m = max(32, model.pixel_multiple)
+    w = math.sqrt(area * width / height)
+    return max(m, round(w * height / width / m) * m), max(m, round(w / m) * m)
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -158,7 +179,7 @@ def image_shapes(model: EditingModel, height: int, width: int) -> tuple[int, int
 def predict_velocity(
     model: EditingModel, latents: torch.Tensor, image_latents: torch.Tensor, cond: Condition,
     sigma: float | torch.Tensor, *, height: int, width: int, neg_cond: Condition | None = None,
-    cfg_scale: float = 1.0, transformer: torch.nn.Module | None = None,
+    cfg_scale: float = 1.0, transformer: torch.nn.Module | None = None, source_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The MMDiT's flow velocity for noisy latents, conditioned on the source latents and the VLM condition.
 
@@ -174,6 +195,8 @@ def predict_velocity(
         cfg_scale: true CFG scale; 1 disables guidance.
         transformer: the MMDiT to run instead of ``model.transformer`` (the Flow-GRPO policy: LoRA- or
             DeepSpeed-wrapped, with grad, or with adapters disabled for the KL reference).
+        source_size: ``(height, width)`` in pixels the source was encoded at (:func:`source_shape`); None = the
+            output size.
 
     Returns:
         Velocity ``[B, N, 4C]`` (guided and norm-rescaled when ``cfg_scale > 1``), in the transformer's dtype.
@@ -198,7 +221,8 @@ def predict_velocity(
         mask = torch.cat([_pad_to(mask, length), _pad_to(neg_cond[1], length)])
         hidden, sigma_t = torch.cat([hidden, hidden]), torch.cat([sigma_t, sigma_t])
     grid = image_shapes(model, height, width)
-    source_grid = _source_grid(image_latents.shape[1], grid)
+    source_grid = _source_grid(model, image_latents.shape[1], grid if source_size is None else
+                               image_shapes(model, *source_size))
     out = (transformer if transformer is not None else model.transformer)(
         hidden_states=hidden.to(model.dtype), timestep=sigma_t.to(model.dtype),
         encoder_hidden_states=embeds.to(model.dtype),
@@ -213,12 +237,13 @@ def predict_velocity(
     return combined * (pred.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
 
 
-def _source_grid(source_tokens: int, grid: tuple[int, int, int]) -> tuple[int, int, int]:
-    # metacot edits keep the source size, so the source grid is the output grid; a mismatch means mixed inputs.
+def _source_grid(model: EditingModel, source_tokens: int, grid: tuple[int, int, int]) -> tuple[int, int, int]:
+    # The source's latent grid as the caller declared it; a token count that does not match means mixed inputs.
     if source_tokens != grid[1] * grid[2]:
         raise ValueError(
-            f"source latents have {source_tokens} tokens but a {grid[1]}x{grid[2]} output grid has "
-            f"{grid[1] * grid[2]}: encode the sources at the output size (resize_sources)"
+            f"source latents have {source_tokens} tokens but the declared source size "
+            f"{grid[1] * 2 * model.vae_scale_factor}x{grid[2] * 2 * model.vae_scale_factor} px has {grid[1] * grid[2]}: "
+            f"encode the sources at source_shape(...) of the source_area in use and pass that size as source_size"
         )
     return grid
 
@@ -240,6 +265,7 @@ def edit(
     model: EditingModel, images: Sequence[Image.Image], prompts: Sequence[str], *, height: int, width: int,
     num_steps: int, cfg_scale: float, generator: torch.Generator | list[torch.Generator] | None,
     negative_prompt: str = NEGATIVE_PROMPT, max_text_tokens: int | None = DEFAULT_MAX_TEXT_TOKENS,
+    source_area: int = 0,
 ) -> list[Image.Image]:
     """Edit each source image according to its prompt (deterministic ODE sampling).
 
@@ -254,6 +280,8 @@ def edit(
         generator: torch generator(s) for the initial noise; same generator state = same output.
         negative_prompt: the negative prompt when guided (Qwen-Image-Edit's usual " ").
         max_text_tokens: condition text-token budget (see ``encode_conditions``).
+        source_area: pixel area the source latents are encoded at (:func:`source_shape`; 0 = the output size,
+            ``STOCK_SOURCE_AREA`` = the stock pipeline's one megapixel).
 
     Returns:
         ``width x height`` PIL images, one per prompt.
@@ -266,13 +294,15 @@ def edit(
     if cfg_scale > 1:
         negatives = [negative_prompt] * len(prompts)
         neg = encode_conditions(model.vlm, model.processor, sources, negatives, max_text_tokens=max_text_tokens)
-    image_latents = encode_latents(model, sources).to(model.dtype)
+    src = source_shape(model, height, width, source_area)
+    image_latents = encode_latents(model, resize_sources(model, sources, *src) if src != (height, width)
+                                   else sources).to(model.dtype)
     latents = initial_noise(model, len(prompts), height, width, generator)
     sigmas = sigma_schedule(model, num_steps, latents.shape[1]).to(model.device)
     for i in range(num_steps):
         v = predict_velocity(
             model, latents, image_latents, cond, sigmas[i], height=height, width=width, neg_cond=neg,
-            cfg_scale=cfg_scale,
+            cfg_scale=cfg_scale, source_size=src,
         )
         # Euler step in float32, as the scheduler does, then back to the model dtype.
         latents = (latents.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(model.dtype)

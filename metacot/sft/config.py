@@ -23,6 +23,10 @@ MMDIT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_p
 class SFTData:
     train: str = MISSING  # JSONL of edit + understanding records (metacot.cot.schema)
     resolution: int = 32  # images are resized to resolution x resolution (must be a multiple of 16)
+    # Pixel area at which source images are VAE-encoded as the edit context: 0 = the output size (resolution^2);
+    # 1048576 = the stock QwenImageEditPipeline (about one megapixel whatever the output size; the real-weights
+    # presets use it). Stage 2 must use Stage 1's value (recorded in final/metacot.json).
+    source_area: int = 0
     # Understanding samples per edit sample in each step (0 = no understanding data in the mix).
     understanding_ratio: float = 0.25
     # What to do with a sample whose condition (instruction + Meta-CoT) exceeds the encoder's token budget:
@@ -79,8 +83,10 @@ class SFTConfig:
               f"would be silently dropped from every step")
         check(self.understanding.trainable or self.generation.trainable, "understanding.mode / generation.mode",
               "both experts are frozen: nothing would train")
+        self.understanding.check_mmdit_only("understanding")
         check(self.data.resolution % 16 == 0, "data.resolution", "must be a multiple of 16 (VAE x packing)")
         check(self.data.understanding_ratio >= 0, "data.understanding_ratio", "must be >= 0")
+        check(self.data.source_area >= 0, "data.source_area", "must be 0 (the output size) or a pixel area")
         check(self.data.on_overlong in {"error", "skip"}, "data.on_overlong", "use error or skip")
         check(self.timestep_sampling in {"logit_normal", "uniform"}, "timestep_sampling",
               "use logit_normal or uniform")

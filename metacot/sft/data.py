@@ -86,6 +86,7 @@ def load_sft_dataset(
     text_token_counts: Callable[[list[str]], list[int]] | None = None,
     max_tokens: int = 512,
     on_overlong: str = "error",
+    source_resolution: int | None = None,
 ) -> SFTDataset:
     """Load, validate and decode the training set.
 
@@ -99,6 +100,8 @@ def load_sft_dataset(
             for the budget check.
         max_tokens: text-token budget of the condition.
         on_overlong: "error" or "skip".
+        source_resolution: square size source images are resized to (None = ``resolution``; larger with the
+            stock pipeline's one-megapixel source area, ``metacot.models.sampler.source_shape``).
 
     Raises:
         SFTDataError: no edit samples, edit records without target image or CoT, over-budget conditions.
@@ -121,7 +124,8 @@ def load_sft_dataset(
             cot_text = "" if no_cot or rec.cot is None else render(rec.cot)
             prompt = condition_prompt(rec.instruction, cot_text, no_cot=no_cot,
                                       include_instruction=include_instruction)
-            edits.append(EditSample(rec.id, _load_image(_resolve(path, rec.source_image), resolution),
+            edits.append(EditSample(rec.id, _load_image(_resolve(path, rec.source_image),
+                                                    source_resolution or resolution),
                                     _load_image(_resolve(path, rec.target_image), resolution),
                                     rec.instruction, cot_text, prompt))
         elif isinstance(rec, UnderstandingRecord) and use_understanding:

@@ -35,7 +35,8 @@ from metacot.models.conditioning import (
     encode_conditions,
 )
 from metacot.models.loading import EditingModel, load_editing_model
-from metacot.models.sampler import encode_latents, image_shapes
+from metacot.models.sampler import encode_latents, image_shapes, resize_sources, source_shape
+from metacot.models.speed import apply_speed_options
 from metacot.run import Run
 from metacot.sft.config import SFTConfig
 from metacot.sft.data import (
@@ -174,7 +175,8 @@ def setup(cfg: SFTConfig) -> SFTState:
         cfg.data.train, resolution=cfg.data.resolution, no_cot=cfg.no_cot,
         include_instruction=cfg.include_instruction, use_understanding=cfg.understanding.trainable,
         text_token_counts=lambda prompts: condition_text_token_counts(base.processor, prompts),
-        max_tokens=cfg.data.max_condition_tokens, on_overlong=cfg.data.on_overlong)
+        max_tokens=cfg.data.max_condition_tokens, on_overlong=cfg.data.on_overlong,
+        source_resolution=source_shape(base, cfg.data.resolution, cfg.data.resolution, cfg.data.source_area)[0])
     world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
     if cfg.batch_size % (cfg.micro_batch_size * world):
         raise ValueError(
@@ -185,9 +187,7 @@ def setup(cfg: SFTConfig) -> SFTState:
     transformer = prepare_expert(base.transformer, cfg.generation, cfg.generation.lora.target_modules)
     if cfg.understanding.gradient_checkpointing and cfg.understanding.trainable:
         vlm.gradient_checkpointing_enable()
-    if cfg.generation.gradient_checkpointing and cfg.generation.trainable:
-        transformer.enable_gradient_checkpointing() if hasattr(transformer, "enable_gradient_checkpointing") \
-            else transformer.base_model.model.enable_gradient_checkpointing()
+    speed = apply_speed_options(transformer, cfg.generation)
     base.vae.requires_grad_(False)
     experts = Experts(vlm, transformer)
     groups = [{"params": trainable_parameters(m), "lr": c.lr, "weight_decay": c.weight_decay}
@@ -207,6 +207,8 @@ def setup(cfg: SFTConfig) -> SFTState:
         run.init_wandb(cfg.train.wandb_project, mode=cfg.train.wandb_mode)
     if data.skipped_overlong:
         run.log(state.step, skipped_overlong=len(data.skipped_overlong))
+    if accelerator.is_main_process and speed:
+        (run.root / "speed.json").write_text(json.dumps(speed, indent=2))
     return state
 
 
@@ -233,7 +235,11 @@ def build_inputs(state: SFTState, edits: list[EditSample], und: list[Understandi
     sigma = sample_sigmas(n, cfg, gen)
     with torch.no_grad():
         x0 = encode_latents(base, [s.target for s in edits]).to(dev)
-        ctx = encode_latents(base, [s.source for s in edits]).to(dev)
+        src = source_shape(base, cfg.data.resolution, cfg.data.resolution, cfg.data.source_area)
+        sources = [s.source for s in edits]
+        if any(img.size != (src[1], src[0]) for img in sources):
+            sources = resize_sources(base, sources, *src)
+        ctx = encode_latents(base, sources).to(dev)
     noise = torch.randn(x0.shape, generator=gen).to(dev, x0.dtype)
     sig = sigma.to(dev, x0.dtype).view(-1, 1, 1)
     x_t = (1 - sig) * x0 + sig * noise
@@ -248,6 +254,7 @@ def build_inputs(state: SFTState, edits: list[EditSample], und: list[Understandi
         cond, mask = encode_conditions(encoder, base.processor, [s.source for s in edits], prompts,
                                        drop_image=drop_image)
     shape = image_shapes(base, cfg.data.resolution, cfg.data.resolution)
+    src_shape = image_shapes(base, *src)
     groups = []
     for with_ctx in (True, False):
         idx = [i for i in range(n) if drop_image[i] != with_ctx]
@@ -258,7 +265,7 @@ def build_inputs(state: SFTState, edits: list[EditSample], und: list[Understandi
         m = None if mask is None else mask[ix]
         groups.append({"hidden": hidden, "sigma": sigma.to(dev, x0.dtype)[ix], "cond": cond[ix],
                        "mask": None if m is None or bool(m.all()) else m,
-                       "img_shapes": [[shape, shape] if with_ctx else [shape]] * len(idx),
+                       "img_shapes": [[shape, src_shape] if with_ctx else [shape]] * len(idx),
                        "target": velocity[ix], "n_target": x0.shape[1]})
     counts = {f"drop_{c}": sum(1 for x in cases if x == c) for c in DROP_CASES}
     return lm, groups, counts
