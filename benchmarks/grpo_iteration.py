@@ -335,6 +335,8 @@ def run_variant(args: argparse.Namespace, device: torch.device, spec: str, peak:
             row["iterations"] = run_iterations(state, stubs, int(v["iters"]))
         except torch.OutOfMemoryError as exc:
             return {**row, "status": "oom", "error": str(exc).split("\n")[0], "mem_gib": common.memory_gib(device)}
+        except Exception as exc:  # recorded so that the variants after it still run
+            return {**row, "status": "error", "error": repr(exc)[:500], "mem_gib": common.memory_gib(device)}
         row.update(status="ok", mem_gib=common.memory_gib(device))
         summarise(row, state, pair["forward"], peak)
         return row
