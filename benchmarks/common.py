@@ -134,6 +134,27 @@ def uncompile_blocks(module: Any) -> None:
         block._compiled_call_impl = None
 
 
+def fit_checkpointing(transformer: Any, probe: Callable[[], bool], layers: int, device: torch.device,
+                      reserve_gib: float) -> tuple[int | None, list[int]]:
+    """The fewest checkpointed blocks (0, L/10, 2L/10, ..., L) for which ``probe()`` (one training step) fits while
+    ``reserve_gib`` GiB are held back for what a whole step or iteration adds to the probe (rollout and decode
+    buffers, allocator fragmentation); returns that count and the counts that ran out of memory."""
+    from metacot.models.speed import set_block_checkpointing
+
+    failed = []
+    for k in list(range(0, layers, max(1, layers // 10))) + [layers]:
+        set_block_checkpointing(transformer, k)
+        held = (torch.empty(int(reserve_gib * 2**30), dtype=torch.uint8, device=device)
+                if device.type == "cuda" and reserve_gib > 0 else None)
+        ok = probe()
+        del held
+        reset_memory(device)
+        if ok:
+            return k, failed
+        failed.append(k)
+    return None, failed
+
+
 def lora_to_bf16_with_noise(module: torch.nn.Module, bf16: bool) -> None:
     """Give the LoRA B factors small random values (timing on all-zero weights can be faster than on real data)
     and, when ``bf16``, keep all trainable weights in bf16, as DeepSpeed's bf16 mode does (fp32 master copies live

@@ -200,17 +200,6 @@ def probe_train_step(state: Any, stubs: common.Stubs) -> bool:
     return ok
 
 
-def fit_blocks(state: Any, stubs: common.Stubs, layers: int) -> tuple[int | None, list[int]]:
-    step = max(1, layers // 10)
-    failed = []
-    for k in list(range(0, layers, step)) + [layers]:
-        set_block_checkpointing(state.policy, k)
-        if probe_train_step(state, stubs):
-            return k, failed
-        failed.append(k)
-    return None, failed
-
-
 FORWARD_SETTINGS = [("peft", "native"), ("fused", "native"), ("fused", "_native_cudnn"), ("fused", "_native_flash")]
 
 
@@ -318,7 +307,8 @@ def run_variant(args: argparse.Namespace, device: torch.device, spec: str, peak:
         pair = pair_flops(state, stubs)
         row["pair_flops"] = pair
         if v["ckpt"] == "fit":
-            k, failed = fit_blocks(state, stubs, args.layers)
+            k, failed = common.fit_checkpointing(state.policy, lambda: probe_train_step(state, stubs), args.layers,
+                                                 device, args.fit_reserve_gib)
             row.update(ckpt_blocks=k, ckpt_oom_at=failed)
             if k is None:
                 return {**row, "status": "oom"}
@@ -356,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reward-seconds", type=float, default=1.0)
     p.add_argument("--adapters", choices=["bf16", "fp32-autocast", "fp32"], default="bf16")
     p.add_argument("--forwards", action="store_true", help="time the denoising forward alone (first variant)")
+    p.add_argument("--fit-reserve-gib", type=float, default=3.0,
+                   help="ckpt=fit: GiB held back while probing (what the iteration adds to one training step)")
     p.add_argument("--compile-forwards", action="store_true",
                    help="with --forwards: also time the fastest setting with torch.compile'd blocks")
     p.add_argument("--vlm-dir", default="build/benchwhl/vlm",

@@ -113,18 +113,6 @@ def try_step(state: Any, stubs: common.Stubs) -> float | None:
     return None
 
 
-def fit_blocks(state: Any, stubs: common.Stubs, layers: int) -> tuple[int | None, list[int]]:
-    """The fewest checkpointed blocks (0, L/10, 2L/10, ..., L) whose step fits; and the counts that did not."""
-    step = max(1, layers // 10)
-    failed = []
-    for k in list(range(0, layers, step)) + [layers]:
-        set_block_checkpointing(common.base_transformer(state.experts), k)
-        if try_step(state, stubs) is not None:
-            return k, failed
-        failed.append(k)
-    return None, failed
-
-
 def run_variant(args: argparse.Namespace, device: torch.device, spec: str, peak: float) -> dict[str, Any]:
     from metacot.training import release_accelerator
 
@@ -142,7 +130,9 @@ def run_variant(args: argparse.Namespace, device: torch.device, spec: str, peak:
             set_block_checkpointing(common.base_transformer(state.experts), 0 if ckpt == "none" else int(ckpt))
         row["flops"] = forward_flops(state, stubs)
         if ckpt == "fit":
-            k, failed = fit_blocks(state, stubs, args.layers)
+            k, failed = common.fit_checkpointing(common.base_transformer(state.experts),
+                                                 lambda: try_step(state, stubs) is not None, args.layers, device,
+                                                 args.fit_reserve_gib)
             row.update(ckpt_blocks=k, ckpt_oom_at=failed)
             if k is None:
                 return {**row, "status": "oom"}
@@ -185,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="bf16: LoRA weights in bf16 (DeepSpeed bf16); fp32-autocast: peft's fp32 adapters under "
                         "accelerate's bf16 autocast (train.deepspeed=none on GPU); fp32: fp32 adapters, no autocast")
     p.add_argument("--mlp", action="store_true", help="LoRA on the MLPs too (default: attention projections)")
+    p.add_argument("--fit-reserve-gib", type=float, default=1.0, help="ckpt=fit: GiB held back while probing")
     p.add_argument("--compile", action="store_true", help="torch.compile each MMDiT block (generation.compile)")
     p.add_argument("--attn", default="", help="diffusers attention backend (generation.attention_backend), "
                                                 "e.g. _native_cudnn; default: diffusers' own")
