@@ -284,8 +284,17 @@ def count_forward_flops(transformer: Any, call: Callable[[], Any], seq_tokens: i
     try:
         # peft's factored path, so every matmul (LoRA factors included) goes through a hooked nn.Linear; the
         # count is the convention whichever path the timed runs take.
-        with torch.no_grad(), peft_lora_forward(transformer):
-            call()
+        # Eager blocks while counting: the hooks must run, and must stay out of compiled graphs.
+        blocks = list(model.transformer_blocks)
+        compiled = [b._compiled_call_impl for b in blocks]
+        for b in blocks:
+            b._compiled_call_impl = None
+        try:
+            with torch.no_grad(), peft_lora_forward(transformer):
+                call()
+        finally:
+            for b, c in zip(blocks, compiled):
+                b._compiled_call_impl = c
     finally:
         for h in handles:
             h.remove()

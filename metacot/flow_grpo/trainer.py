@@ -302,6 +302,7 @@ def rollout(state: GRPOState, pool: ThreadPoolExecutor) -> dict[str, Any]:
     # generator fails on GPU); its own stream keeps it independent of the initial noise drawn above.
     sde_gen = step_generator(cfg.train.seed, it, stream=20_000 + acc.process_index, device=state.device)
     policy = state.accelerator.unwrap_model(state.policy)
+    state.policy.eval()  # sampling: no dropout (train_policy switches back); one compiled variant per mode
     trajs: list[Trajectory] = []
     futures: list[Future] = []
     t0 = time.perf_counter()
@@ -481,6 +482,7 @@ def evaluate(state: GRPOState) -> dict[str, float]:
     live = _swap_ema(state)
     try:
         policy = state.accelerator.unwrap_model(state.policy)
+        state.policy.eval()
         cond = _conditions(state, prompts)
         seq, channels = _output_tokens(state), cond.image_latents.shape[2]
         gen = step_generator(cfg.train.seed, 0, stream=99)  # the same noise at every evaluation

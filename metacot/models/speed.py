@@ -98,6 +98,9 @@ def fuse_lora_for_inference(module: torch.nn.Module) -> int:
     return n
 
 
+COMPILE_VARIANTS = 64  # recompile limit of the shared block frame (see compile_blocks)
+
+
 def compile_blocks(module: Any, **options: Any) -> int:
     """``torch.compile`` each transformer block in place; returns the number of blocks compiled.
 
@@ -105,6 +108,12 @@ def compile_blocks(module: Any, **options: Any) -> int:
     """
     model = diffusers_transformer(module)
     blocks = list(model.transformer_blocks)
+    # All blocks share one compiled frame, so its recompile limit (8 by default) counts every variant the trainers
+    # need: grad / no-grad (rollout, eval), checkpointed / not, the rollout and training batch sizes, adapters on /
+    # off. Past the limit dynamo silently runs the blocks eagerly; the limit is raised so that does not happen.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), COMPILE_VARIANTS))
     for block in blocks:
         block.compile(**options)
     return len(blocks)
