@@ -34,10 +34,11 @@ $(VENV)/.installed:
 vllm-env:
 	@bash launch/vllm_env.sh $(VLLM_VENV)
 
-# Debian packages the tests use: a real one-node SLURM cluster and headless Chromium.
+# Debian packages the tests use: a real one-node SLURM cluster, headless Chromium, and a C++ compiler (DeepSpeed's
+# CPU Adam op and torch.compile's CPU code generation).
 system-deps:
 	@missing=""; \
-	for cmd in slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client munged:munge chromium:chromium; do \
+	for cmd in slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client munged:munge chromium:chromium g++:g++; do \
 		command -v $${cmd%%:*} >/dev/null || missing="$$missing $${cmd##*:}"; done; \
 	if [ -n "$$missing" ]; then echo ">> apt-get install$$missing"; \
 		apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi

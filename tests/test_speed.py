@@ -4,11 +4,13 @@ and the source-latent area (the stock pipeline's one megapixel) reaches the MMDi
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import require
 from metacot.config import ConfigError, load_config
 from metacot.models import speed
 from metacot.models.loading import load_editing_model
@@ -128,6 +130,7 @@ def test_block_checkpointing_recomputes_exactly_the_first_k_blocks(tiny_models) 
 
 @pytest.mark.slow
 def test_compiled_blocks_match_eager_and_keep_parameter_names(tiny_models) -> None:
+    require(shutil.which("g++") is not None, "g++ (torch.compile's CPU code generation)")
     model, policy = _policy(tiny_models)
     inputs = _inputs(model)
     names = list(policy.state_dict())
@@ -227,22 +230,24 @@ def test_stage2_refuses_a_source_area_other_than_stage1s(tmp_path: Path) -> None
 @pytest.mark.slow
 def test_both_stages_train_with_stock_sized_sources_and_selective_checkpointing(tiny_models, tiny_dataset,
                                                                                  tmp_path: Path) -> None:
-    """SFT then GRPO with the source encoded at 4x the output's area (64 px sources for 32 px edits), one of two
-    blocks checkpointed; Stage 2 reads Stage 1's area from final/metacot.json."""
+    """SFT then GRPO through DeepSpeed (ZeRO-2) with the source encoded at 4x the output's area (64 px sources for
+    32 px edits), one of two blocks checkpointed, compiled blocks; Stage 2 reads Stage 1's area from
+    final/metacot.json."""
     from metacot.flow_grpo.config import GRPOConfig
     from metacot.flow_grpo.trainer import train as grpo_train
     from metacot.sft.config import SFTConfig
     from metacot.sft.trainer import train as sft_train
 
+    require(shutil.which("g++") is not None, "g++ (torch.compile's CPU code generation)")
     common = ["train.wandb_mode=disabled", "train.progress=false", "train.save_every=0", "data.source_area=4096",
-              "generation.gradient_checkpointing=true", "generation.checkpoint_blocks=1"]
+              "generation.gradient_checkpointing=true", "generation.checkpoint_blocks=1", "generation.compile=true"]
     sft = load_config(SFTConfig, "tiny", [f"model={tiny_models.pipeline}", f"data.train={tiny_dataset / 'train.jsonl'}",
                                           f"output_dir={tmp_path / 'sft'}", "train.max_steps=1", "batch_size=4",
                                           "micro_batch_size=4", "understanding.mode=frozen", "generation.mode=lora", *common], stage="sft")
     final = sft_train(sft)
     assert json.loads((final / "metacot.json").read_text())["source_area"] == 4096
     applied = json.loads((tmp_path / "sft" / "speed.json").read_text())
-    assert applied["checkpoint_blocks"] == 1 and applied["fused_lora_layers"] > 0
+    assert applied["checkpoint_blocks"] == 1 and applied["fused_lora_layers"] > 0 and applied["compiled_blocks"] == 2
     small = ["rollout.group_size=4", "rollout.prompts_per_iteration=1", "rollout.batch_size=4", "rollout.num_steps=2",
              "rollout.window_size=1", "rollout.window_max=2", "policy.micro_batch_size=4",
              "policy.updates_per_epoch=1", "eval.every=0", "rewards={brightness: {weight: 1.0}}"]
