@@ -57,6 +57,8 @@ class ExpertConfig:
         check(self.lr >= 0, "lr", "must be >= 0")
         check(self.checkpoint_blocks is None or self.checkpoint_blocks >= 0, "checkpoint_blocks",
               f"is {self.checkpoint_blocks}; use a number of blocks >= 0, or leave it unset for all")
+        check(self.checkpoint_blocks is None or self.gradient_checkpointing, "checkpoint_blocks",
+              "takes effect only with gradient_checkpointing=true; set that too, or remove checkpoint_blocks")
 
     def check_mmdit_only(self, key: str) -> None:
         """Refuse the MMDiT-only speed options on another expert (the VLM), naming the key."""

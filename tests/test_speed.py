@@ -80,6 +80,46 @@ def test_fused_lora_inference_is_the_same_function(tiny_models) -> None:
         "the merged weight is formed per call; the base weights never change"
 
 
+def test_fused_lora_in_bf16_with_fp32_adapters_under_autocast(tiny_models) -> None:
+    """The GPU path without DeepSpeed: bf16 base weights, peft's fp32 adapters, bf16 autocast. Both paths round to
+    bf16; the fused one must stay as close to a float64 reference as peft's own."""
+    model, policy = _policy(tiny_models)
+    inputs = _inputs(model)
+    with torch.no_grad():
+        reference = _out(policy.double(), {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+                                           for k, v in inputs.items()})
+    policy.float()
+    for name, p in policy.named_parameters():
+        if "lora_" not in name:
+            p.data = p.data.to(torch.bfloat16)
+    assert {p.dtype for n, p in policy.named_parameters() if "lora_" in n} == {torch.float32}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        peft_out = _out(policy, inputs).double()
+        speed.fuse_lora_for_inference(policy)
+        fused = _out(policy, inputs).double()
+    err = lambda out: float((out - reference).norm() / reference.norm())  # noqa: E731
+    assert err(peft_out) < 2e-2 and err(fused) < 2e-2, (err(peft_out), err(fused))
+    assert err(fused) < 2 * err(peft_out) + 1e-3
+
+
+def test_fused_path_falls_back_to_peft_with_a_lora_bias(tiny_models) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = load_editing_model(tiny_models.pipeline)
+    policy = get_peft_model(model.transformer.requires_grad_(False),
+                            LoraConfig(r=4, lora_alpha=8, target_modules=["to_q"], lora_bias=True))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    inputs = _inputs(model)
+    with torch.no_grad():
+        before = _out(policy, inputs)
+        speed.fuse_lora_for_inference(policy)
+        after = _out(policy, inputs)
+    assert torch.equal(before, after), "a bias on B is not part of W + s B A: peft's path must run"
+
+
 def test_fused_path_falls_back_to_peft_with_active_dropout(tiny_models) -> None:
     model = load_editing_model(tiny_models.pipeline)
     policy = prepare_expert(model.transformer, ExpertConfig(mode="lora", lora=LoRAConfig(
@@ -171,6 +211,9 @@ def test_speed_options_are_config_checked() -> None:
         load_config(SFTConfig, None, ["model=m", "data.train=t", "output_dir=o", "understanding.compile=true"])
     with pytest.raises(ConfigError, match="checkpoint_blocks: is -1"):
         load_config(GRPOConfig, None, ["model=m", "data.train=t", "output_dir=o", "generation.checkpoint_blocks=-1"])
+    with pytest.raises(ConfigError, match="checkpoint_blocks: takes effect only with gradient_checkpointing=true"):
+        load_config(GRPOConfig, None, ["model=m", "data.train=t", "output_dir=o", "generation.checkpoint_blocks=4",
+                                       "generation.gradient_checkpointing=false"])
     with pytest.raises(ConfigError, match="data.source_area"):
         load_config(GRPOConfig, None, ["model=m", "data.train=t", "output_dir=o", "data.source_area=-5"])
 
@@ -214,10 +257,23 @@ def test_velocity_with_a_larger_source_uses_its_own_grid(tiny_models) -> None:
         predict_velocity(model, x, latents, cond, 0.5, height=out_size, width=out_size)
 
 
+def test_trained_source_area_of_old_and_new_finals() -> None:
+    from metacot.export.card import source_area
+
+    assert source_area({"stage": "sft", "no_cot": False}) == 0, "finals from before the option: the output size"
+    assert source_area({"stage": "sft", "source_area": STOCK_SOURCE_AREA}) == STOCK_SOURCE_AREA
+    assert source_area({"stage": "grpo", "stage1": {"stage": "sft", "source_area": 4096}}) == 4096
+    assert source_area({"stage": "grpo", "source_area": 4096, "stage1": {"stage": "sft"}}) == 4096
+
+
 def test_stage2_refuses_a_source_area_other_than_stage1s(tmp_path: Path) -> None:
     from metacot.flow_grpo.config import GRPOConfig
     from metacot.flow_grpo.trainer import check_source_area
 
+    (tmp_path / "metacot.json").write_text(json.dumps({"stage": "sft", "no_cot": False}))
+    with pytest.raises(ValueError, match="trained with source latents of area 0"):  # a final from before the option
+        check_source_area(load_config(GRPOConfig, None, [f"model={tmp_path}", "data.train=t", "output_dir=o",
+                                                         f"data.source_area={STOCK_SOURCE_AREA}"]))
     (tmp_path / "metacot.json").write_text(json.dumps({"stage": "sft", "source_area": STOCK_SOURCE_AREA}))
     cfg = load_config(GRPOConfig, None, [f"model={tmp_path}", "data.train=t", "output_dir=o"])
     with pytest.raises(ValueError, match=f"trained with source latents of area {STOCK_SOURCE_AREA}; set "
@@ -256,4 +312,45 @@ def test_both_stages_train_with_stock_sized_sources_and_selective_checkpointing(
                        stage="grpo")
     out = grpo_train(grpo)
     rows = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
-    assert any("reward_mean" in r for r in rows) and (out / "metacot.json").is_file()
+    it = [r for r in rows if "reward_mean" in r]
+    assert len(it) == 1 and it[0]["optimizer_step"] == 1 and it[0]["ratio_mean"] == 1.0
+    assert json.loads((out / "metacot.json").read_text())["source_area"] == 4096
+    assert _stage2_refuses_another_area(final, tiny_dataset, tmp_path)
+
+    # Inference encodes the source as training did: `metacot eval` and `metacot edit` read the area from
+    # metacot.json (a spy records the sizes given to the real VAE encoder).
+    import metacot.models.sampler as sampler
+    from data_recipes.synth import sample_scene_images
+    from metacot.eval.runner import EvalSample, run_eval
+    from metacot.export.edit import edit_image, load_model
+
+    seen: list[tuple[int, int]] = []
+    real = sampler.encode_latents
+
+    def spy(model, images):
+        seen.extend(img.size for img in images)
+        return real(model, images)
+
+    sampler.encode_latents = spy
+    try:
+        src, tgt = sample_scene_images(2, 32, seed=5)
+        sample = EvalSample(id="e0", source=src, target=tgt, instruction="Make it red.", cot_text=None,
+                            meta_tasks=("Replace",), category="recolor", record=None)
+        run_eval(out, [sample], tmp_path / "eval", num_steps=1, no_cot=True)
+        assert seen == [(64, 64)], seen
+        seen.clear()
+        edit_image(load_model(out), src, "Make it red.", cot=False, steps=1, cfg=1.0, size=32)
+        assert seen == [(64, 64)], seen
+    finally:
+        sampler.encode_latents = real
+
+
+def _stage2_refuses_another_area(final: Path, data: Path, tmp_path: Path) -> bool:
+    from metacot.flow_grpo.config import GRPOConfig
+    from metacot.flow_grpo.trainer import check_source_area
+
+    cfg = load_config(GRPOConfig, "tiny", [f"model={final}", f"data.train={data / 'train.jsonl'}",
+                                           f"output_dir={tmp_path / 'other'}"], stage="grpo")
+    with pytest.raises(ValueError, match="trained with source latents of area 4096; set data.source_area=4096"):
+        check_source_area(cfg)
+    return True

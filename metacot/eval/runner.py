@@ -157,6 +157,7 @@ def _eval_model(model_dir: str | Path, todo: Sequence[EvalSample], out: Path, ca
     from metacot.understanding import write_cots
 
     model = load_editing_model(model_dir, device=device, dtype=torch.float32)
+    area = trained_source_area(model_dir)
     size = todo[0].source.size
     for i in tqdm(range(0, len(todo), batch_size), desc=f"eval {method}", dynamic_ncols=True):
         chunk = todo[i:i + batch_size]
@@ -167,8 +168,24 @@ def _eval_model(model_dir: str | Path, todo: Sequence[EvalSample], out: Path, ca
         prompts = [build_prompt(s.instruction, None if no_cot else c) for s, c in zip(chunk, cots)]
         gens = [torch.Generator().manual_seed(seed * 1_000_003 + i + k) for k in range(len(chunk))]
         images = edit(model, [s.source for s in chunk], prompts, height=size[1], width=size[0], num_steps=num_steps,
-                      cfg_scale=cfg_scale, generator=gens)
+                      cfg_scale=cfg_scale, generator=gens, source_area=area)
         _append(cache, _score_rows(method, chunk, images, judge, out / "images"))
+
+
+def trained_source_area(model_dir: str | Path) -> int:
+    """``data.source_area`` the model at ``model_dir`` trained with: from its ``metacot.json`` (a run's ``final/``),
+    or the export's beside its ``pipeline/`` folder; 0 (the output size) for a plain pipeline folder."""
+    from metacot.export.card import source_area
+
+    folder = Path(model_dir)
+    for meta_path in (folder / "metacot.json", folder.parent / "metacot.json"):
+        if meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("format") == "metacot-export":
+                meta = meta["final_meta"]
+            if "stage" in meta:
+                return source_area(meta)
+    return 0
 
 
 def _mean(values: Sequence[Any]) -> float | None:

@@ -43,6 +43,13 @@ def prompt_options(final_meta: dict[str, Any]) -> dict[str, bool]:
     return {"no_cot": False, "include_instruction": True}
 
 
+def source_area(final_meta: dict[str, Any]) -> int:
+    """The pixel area the generator saw its source latents at in training (``data.source_area``; 0 = the output
+    size, also for finals written before the option existed). Inference must encode the source the same way."""
+    stage1 = final_meta.get("stage1", {}) if final_meta.get("stage") == "grpo" else {}
+    return int(final_meta.get("source_area", stage1.get("source_area", 0)))
+
+
 def example_prompt(options: dict[str, bool]) -> str:
     """The example edit's prompt string in the format the model was trained with."""
     cot = None if options["no_cot"] else render(EXAMPLE_COT)

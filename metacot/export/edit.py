@@ -42,6 +42,7 @@ class LoadedModel:
     und_processor: Any
     options: dict[str, bool]  # no_cot, include_instruction (metacot.export.card.prompt_options)
     kind: str  # "export" or "final"
+    source_area: int = 0  # pixel area of the source latents in training (metacot.export.card.source_area)
 
 
 def _describe(folder: Path) -> tuple[Path, Path, dict[str, Any], dict[str, dict[str, Any]], bool, str]:
@@ -85,7 +86,7 @@ def load_model(folder: str | Path, device: Any = None, dtype: Any = None) -> Loa
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from metacot.export.card import prompt_options
+    from metacot.export.card import prompt_options, source_area
     from metacot.models.loading import load_editing_model
 
     folder = Path(folder)
@@ -105,7 +106,7 @@ def load_model(folder: str | Path, device: Any = None, dtype: Any = None) -> Loa
         und_vlm = AutoModelForImageTextToText.from_pretrained(und_dir, dtype=dtype)
         und_vlm = _with_adapters(und_vlm, folder, on("understanding")).to(device).eval()
         und_processor = AutoProcessor.from_pretrained(und_dir)
-    return LoadedModel(model, und_vlm, und_processor, prompt_options(final_meta), kind)
+    return LoadedModel(model, und_vlm, und_processor, prompt_options(final_meta), kind, source_area(final_meta))
 
 
 def edit_size(width: int, height: int, size: int | None, multiple: int) -> tuple[int, int]:
@@ -155,8 +156,9 @@ def edit_image(loaded: LoadedModel, image: Any, instruction: str, *, cot: bool =
         raise EditError("the understanding expert wrote an empty Meta-CoT; edit with --no-cot, or check the model")
     prompt = build_prompt(instruction, cot_text, include_instruction=loaded.options["include_instruction"])
     generator = torch.Generator(device=model.device).manual_seed(seed)
-    result = edit(model, [source], [prompt], height=height, width=width, num_steps=steps, cfg_scale=cfg,
-                  generator=generator)[0]
+    # The source latents at the area the model trained with (the original image, not the output-size copy).
+    result = edit(model, [image.convert("RGB")], [prompt], height=height, width=width, num_steps=steps,
+                  cfg_scale=cfg, generator=generator, source_area=loaded.source_area)[0]
     return EditOutcome(cot_text, problems, prompt, result)
 
 

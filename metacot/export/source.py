@@ -202,8 +202,9 @@ def final_facts(src: RunSource, trainer_state: dict[str, Any], ema: bool) -> dic
     cfg = src.cfg
     if src.stage == "sft":
         return {"stage": "sft", "base_model": str(cfg.model), "step": src.step, "no_cot": cfg.no_cot,
-                "include_instruction": cfg.include_instruction, "from_checkpoint": str(src.checkpoint)}
-    facts = {"stage": "grpo", "base_model": str(cfg.model), "step": src.step,
+                "include_instruction": cfg.include_instruction, "source_area": cfg.data.source_area,
+                "from_checkpoint": str(src.checkpoint)}
+    facts = {"stage": "grpo", "base_model": str(cfg.model), "step": src.step, "source_area": cfg.data.source_area,
              "optimizer_steps": trainer_state.get("optimizer_step"), "rewards": dict(cfg.rewards),
              "judge": {"model": cfg.judge.model, "prompt": cfg.judge.prompt}, "ema": ema,
              "from_checkpoint": str(src.checkpoint)}

@@ -89,10 +89,17 @@ class Prompt:
     """One editing prompt of the GRPO data, decoded once."""
 
     record: EditRecord
-    source: Image.Image
+    source: Image.Image  # at the output size: rewards, CoT writing and grids see this one
     target: Image.Image | None
     cot: Any  # MetaCoT or None
     cot_text: str | None
+    # The source at the source latent size (data.source_area) when that differs from the output size: what the
+    # condition encoder and the VAE see.
+    context: Image.Image | None = None
+
+    @property
+    def conditioning_image(self) -> Image.Image:
+        return self.source if self.context is None else self.context
 
 
 @dataclass
@@ -135,8 +142,11 @@ def stage1_prompt_options(model_dir: str) -> dict[str, bool]:
 
 def check_source_area(cfg: GRPOConfig) -> None:
     """Refuse a ``data.source_area`` other than the one Stage 1 trained with (when its final/ records it)."""
-    trained = _stage1_meta(cfg.model).get("source_area")
-    if trained is not None and int(trained) != cfg.data.source_area:
+    meta = _stage1_meta(cfg.model)
+    if not meta:  # a plain pipeline folder: no Stage 1 facts to match
+        return
+    trained = int(meta.get("source_area", 0))  # Stage 1 finals from before the option encoded at the output size
+    if trained != cfg.data.source_area:
         raise ValueError(f"data.source_area={cfg.data.source_area}, but the Stage 1 model {cfg.model} was trained with "
                          f"source latents of area {trained}; set data.source_area={trained}")
 
@@ -156,8 +166,8 @@ def _load_prompts(path: str, base: EditingModel, cfg: GRPOConfig, limit: int | N
         with Image.open(p) as img:
             return img.convert("RGB").resize(size, Image.Resampling.BICUBIC)
 
-    prompts = [Prompt(r, load(r.source_image, (src[1], src[0])), load(r.target_image), r.cot,
-                      render(r.cot) if r.cot is not None else None) for r in records]
+    prompts = [Prompt(r, load(r.source_image), load(r.target_image), r.cot, render(r.cot) if r.cot is not None else None,
+                      load(r.source_image, (src[1], src[0])) if src != (res, res) else None) for r in records]
     if cfg.data.cot_source == "model":
         written = write_cots(base.vlm, base.processor, [p.source for p in prompts],
                              [p.record.instruction for p in prompts], max_new_tokens=cfg.data.max_cot_tokens)
@@ -248,7 +258,7 @@ def setup(cfg: GRPOConfig) -> GRPOState:
 def _conditions(state: GRPOState, prompts: list[Prompt]) -> Conditions:
     """Encode each prompt once (frozen VLM), plus the CFG negative branch and the source latents."""
     base, cfg = state.base, state.cfg
-    sources = [p.source for p in prompts]
+    sources = [p.conditioning_image for p in prompts]
     opts = stage1_prompt_options(cfg.model)
     texts = [condition_prompt(p.record.instruction, p.cot_text or "", **opts) for p in prompts]
     with torch.no_grad():
@@ -383,6 +393,7 @@ def train_policy(state: GRPOState, ro: dict[str, Any], adv: torch.Tensor) -> dic
     mb = p.micro_batch_size
     clip = p.clip_range if p.clip_range is not None else default_clip_range(r.sde_type)
     policy = acc.unwrap_model(state.policy)
+    state.policy.train()  # the rollout sampled in eval mode; the recompute must run what the updates run
     old = ro["log_probs"]
     if p.old_logprob == "recompute":
         # Same micro-batches, same module, same autograd mode as the first update (kernels may differ between grad
@@ -396,7 +407,6 @@ def train_policy(state: GRPOState, ro: dict[str, Any], adv: torch.Tensor) -> dic
     sums: dict[str, float] = {}
     count = 0
     chunk = n // p.updates_per_epoch
-    state.policy.train()
     for epoch in range(p.inner_epochs):
         order = _epoch_order(state, n, epoch)
         for start in range(0, n, mb):
@@ -541,7 +551,7 @@ def save_final(state: GRPOState) -> Path:
         fresh, vlm, transformer = parts
         upstream = Path(cfg.model)
         facts = {"stage": "grpo", "base_model": str(cfg.model), "step": state.iteration,
-                 **stage1_prompt_options(cfg.model),
+                 **stage1_prompt_options(cfg.model), "source_area": cfg.data.source_area,
                  "optimizer_steps": state.optimizer_step, "rewards": dict(cfg.rewards),
                  "judge": {"model": cfg.judge.model, "prompt": cfg.judge.prompt}, "ema": cfg.policy.ema_decay > 0}
         if (upstream / "metacot.json").is_file():

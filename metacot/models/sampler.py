@@ -271,7 +271,8 @@ def edit(
 
     Args:
         model: the editing model.
-        images: source images (resized to ``width x height`` first, as the pipeline resizes to its computed size).
+        images: source images (resized to the source size, ``width x height`` unless ``source_area`` says
+            otherwise, as the pipeline resizes to its computed size).
         prompts: prompt strings from :func:`metacot.models.conditioning.build_prompt`.
         height: output height in pixels (a multiple of ``model.pixel_multiple``).
         width: output width in pixels.
@@ -288,15 +289,16 @@ def edit(
     """
     if len(images) != len(prompts):
         raise ValueError(f"edit got {len(images)} images and {len(prompts)} prompts; give one image per prompt")
-    sources = resize_sources(model, images, height, width)
+    # The source as the condition encoder and the VAE see it: at the output size, or at the source area the model
+    # was trained with (the stock pipeline feeds its one-megapixel source to both).
+    src = source_shape(model, height, width, source_area)
+    sources = resize_sources(model, images, *src)
     cond = encode_conditions(model.vlm, model.processor, sources, prompts, max_text_tokens=max_text_tokens)
     neg = None
     if cfg_scale > 1:
         negatives = [negative_prompt] * len(prompts)
         neg = encode_conditions(model.vlm, model.processor, sources, negatives, max_text_tokens=max_text_tokens)
-    src = source_shape(model, height, width, source_area)
-    image_latents = encode_latents(model, resize_sources(model, sources, *src) if src != (height, width)
-                                   else sources).to(model.dtype)
+    image_latents = encode_latents(model, sources).to(model.dtype)
     latents = initial_noise(model, len(prompts), height, width, generator)
     sigmas = sigma_schedule(model, num_steps, latents.shape[1]).to(model.device)
     for i in range(num_steps):

@@ -68,11 +68,12 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     weight = base.weight
     active = [name for name in self.active_adapters if name in self.lora_A]
     if (torch.is_grad_enabled() or args or kwargs or self.disable_adapters or self.merged or self.fan_in_fan_out
-            or self.lora_variant or weight.numel() == 0 or hasattr(weight, "ds_id")
+            or self.lora_variant or any(self.lora_bias.get(n, False) for n in active)
+            or weight.numel() == 0 or hasattr(weight, "ds_id")
             or not isinstance(base, torch.nn.Linear)
             or (self.training and not all(isinstance(self.lora_dropout[n], torch.nn.Identity) for n in active))):
         # Autograd needs peft's factored path (adapter gradients); ZeRO-3 partitions weights (ds_id, empty until
-        # its hooks gather them); variants (DoRA) and active dropout change the function.
+        # its hooks gather them); variants (DoRA), a bias on B (lora_bias) and active dropout change the function.
         return self._metacot_peft_forward(x, *args, **kwargs)
     merged = weight
     for name in active:

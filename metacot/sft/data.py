@@ -33,6 +33,9 @@ class EditSample:
     instruction: str
     cot_text: str  # rendered Meta-CoT ("" for the no-CoT baseline)
     condition_prompt: str  # build_prompt(...) as the generator sees it
+    # The source at the source latent size (data.source_area) when that differs from the output size: what the
+    # condition encoder and the VAE see; ``source`` (output size) is what the understanding expert reads.
+    context: Image.Image | None = None
 
 
 @dataclass
@@ -100,8 +103,9 @@ def load_sft_dataset(
             for the budget check.
         max_tokens: text-token budget of the condition.
         on_overlong: "error" or "skip".
-        source_resolution: square size source images are resized to (None = ``resolution``; larger with the
-            stock pipeline's one-megapixel source area, ``metacot.models.sampler.source_shape``).
+        source_resolution: square size of each sample's ``context`` image, the source as the condition encoder
+            and the VAE see it (None = ``resolution``: no separate copy; larger with the stock pipeline's
+            one-megapixel source area, ``metacot.models.sampler.source_shape``).
 
     Raises:
         SFTDataError: no edit samples, edit records without target image or CoT, over-budget conditions.
@@ -124,10 +128,13 @@ def load_sft_dataset(
             cot_text = "" if no_cot or rec.cot is None else render(rec.cot)
             prompt = condition_prompt(rec.instruction, cot_text, no_cot=no_cot,
                                       include_instruction=include_instruction)
-            edits.append(EditSample(rec.id, _load_image(_resolve(path, rec.source_image),
-                                                    source_resolution or resolution),
+            source_path = _resolve(path, rec.source_image)
+            context = None
+            if source_resolution not in (None, resolution):
+                context = _load_image(source_path, source_resolution)
+            edits.append(EditSample(rec.id, _load_image(source_path, resolution),
                                     _load_image(_resolve(path, rec.target_image), resolution),
-                                    rec.instruction, cot_text, prompt))
+                                    rec.instruction, cot_text, prompt, context))
         elif isinstance(rec, UnderstandingRecord) and use_understanding:
             und.append(UnderstandingSample(rec.id, _load_image(_resolve(path, rec.image), resolution),
                                            rec.question, rec.answer, rec.kind))

@@ -236,10 +236,10 @@ def build_inputs(state: SFTState, edits: list[EditSample], und: list[Understandi
     with torch.no_grad():
         x0 = encode_latents(base, [s.target for s in edits]).to(dev)
         src = source_shape(base, cfg.data.resolution, cfg.data.resolution, cfg.data.source_area)
-        sources = [s.source for s in edits]
-        if any(img.size != (src[1], src[0]) for img in sources):
-            sources = resize_sources(base, sources, *src)
-        ctx = encode_latents(base, sources).to(dev)
+        contexts = [s.source if s.context is None else s.context for s in edits]  # at the source latent size
+        if any(img.size != (src[1], src[0]) for img in contexts):
+            contexts = resize_sources(base, contexts, *src)
+        ctx = encode_latents(base, contexts).to(dev)
     noise = torch.randn(x0.shape, generator=gen).to(dev, x0.dtype)
     sig = sigma.to(dev, x0.dtype).view(-1, 1, 1)
     x_t = (1 - sig) * x0 + sig * noise
@@ -251,8 +251,7 @@ def build_inputs(state: SFTState, edits: list[EditSample], und: list[Understandi
     adapter_off = cfg.understanding.mode == "lora" and not cfg.condition_with_adapter
     ctx_mgr = encoder.disable_adapter() if adapter_off else contextlib.nullcontext()
     with ctx_mgr, (contextlib.nullcontext() if grad_ok else torch.no_grad()):
-        cond, mask = encode_conditions(encoder, base.processor, [s.source for s in edits], prompts,
-                                       drop_image=drop_image)
+        cond, mask = encode_conditions(encoder, base.processor, contexts, prompts, drop_image=drop_image)
     shape = image_shapes(base, cfg.data.resolution, cfg.data.resolution)
     src_shape = image_shapes(base, *src)
     groups = []
