@@ -259,8 +259,9 @@ def run_iterations(state: Any, stubs: common.Stubs, n: int) -> list[dict[str, An
             common.patch(grpo, **stub_encoders):
         for _ in range(n):
             t, metrics = common.timed(lambda: grpo.iteration_step(state, pool), state.device)
-            out.append({k: metrics[k] for k in ("time_rollout", "time_reward_wait", "time_train", "time_iteration",
-                                                "window_start", "window_end", "optimizer_step", "loss")
+            out.append({k: metrics[k] for k in ("time_rollout", "time_reward_wait", "time_train", "time_old_logprob",
+                                                "time_iteration", "window_start", "window_end", "optimizer_step",
+                                                "loss")
                         if k in metrics} | {"wall_s": t})
     return out
 

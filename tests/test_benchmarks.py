@@ -80,7 +80,7 @@ def test_grpo_iteration_tiny(tmp_path: Path, one_process: None, tiny_models) -> 
     it = row["iterations"][0]
     assert it["optimizer_step"] == 2  # two optimizer steps per group
     assert it["window_end"] - it["window_start"] == 1 and it["window_end"] < 4  # 2 early steps
-    assert 0.05 <= row["reward_wait_s"] < row["iteration_s"]
+    assert 0.02 <= row["reward_wait_s"] < row["iteration_s"]  # most of the 0.05 s reward of the last batch
     assert row["rollout_s"] + row["reward_wait_s"] + row["train_s"] <= row["iteration_s"]
     # One CFG velocity = a conditional and a negative sequence; r=64 LoRA on attention and MLP.
     assert row["pair_flops"]["sequences"] == 2

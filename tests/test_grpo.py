@@ -112,6 +112,34 @@ def test_rewards_overlap_with_later_rollout_batches(tiny_sft_run, tiny_dataset, 
     assert row["time_reward_wait"] < 0.6, row
 
 
+def one_second_brightness(batch: RewardBatch) -> list[float | None]:
+    """Brightness after 1 s, like a slow remote judge (used by the old-log-prob overlap test)."""
+    time.sleep(1.0)
+    return brightness(batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("old", ["recompute", "rollout"])
+def test_old_log_probs_are_recomputed_while_the_judge_works(tiny_sft_run, tiny_dataset, tmp_path, old) -> None:
+    """One rollout batch (32 samples, 4 window steps), 1 s of reward: the recompute of the old log-probs (no reward
+    needed) runs in that second,
+    so the wait shrinks by its duration; with rollout log-probs there is nothing to overlap."""
+    from metacot.flow_grpo.trainer import train
+
+    train(grpo_cfg(tiny_sft_run, tiny_dataset, tmp_path / "run", "train.max_steps=1", f"policy.old_logprob={old}",
+                   "rewards={slow: {fn: 'test_grpo:one_second_brightness', weight: 1.0}}", "rollout.group_size=8",
+                   "rollout.prompts_per_iteration=4", "rollout.batch_size=32", "policy.micro_batch_size=32",
+                   "rollout.window_size=4", "rollout.window_max=4"))
+    (row,) = [r for r in rows(tmp_path / "run") if "time_reward_wait" in r]
+    if old == "rollout":
+        assert row["time_old_logprob"] < 0.05 and row["time_reward_wait"] > 0.9, row
+    else:
+        assert row["time_old_logprob"] > 0.15, row  # a real forward pass over the window steps
+        # (sequential would wait the whole second; the reward thread shares the GIL, so allow it some slack)
+        assert row["time_reward_wait"] < 1.0 - 0.5 * row["time_old_logprob"], row
+    assert row["ratio_mean"] == 1.0 or old == "rollout"
+
+
 def test_zero_spread_groups_are_counted() -> None:
     from metacot.flow_grpo.math import group_advantages
 

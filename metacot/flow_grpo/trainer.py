@@ -325,25 +325,32 @@ def rollout(state: GRPOState, pool: ThreadPoolExecutor) -> dict[str, Any]:
         images = decode(state.base, traj.final, res, res)
         batch_prompts = [prompts[int(owner[i])] for i in idx.tolist()]
         futures.append(pool.submit(state.reward.score, _reward_batch(batch_prompts, images)))
-    t_sample = time.perf_counter() - t0
-    t1 = time.perf_counter()
+    state.timings = {"time_rollout": time.perf_counter() - t0}
+    cat = lambda name: torch.cat([getattr(t, name) for t in trajs], dim=-3 if name == "final" else 1)  # noqa: E731
+    # Rewards stay pending ("futures"): collect_rewards waits for them, after work that does not need them.
+    return {"cond": cond, "window": window, "sigmas": sigmas, "prompt_ids": torch.tensor(mine)[owner.cpu()],
+            "latents": cat("latents"), "next_latents": cat("next_latents"),
+            "log_probs": torch.cat([t.log_probs for t in trajs], dim=1), "futures": futures,
+            "deadline": time.monotonic() + cfg.reward_timeout_s}
+
+
+def collect_rewards(state: GRPOState, ro: dict[str, Any]) -> None:
+    """Wait for the rollout's reward futures (bounded by ``reward_timeout_s`` from the end of sampling) and put
+    ``rewards`` / ``reward_parts`` into ``ro``; the wait is logged as ``time_reward_wait``."""
+    t0 = time.perf_counter()
     totals: list[float | None] = []
     parts: dict[str, list[float | None]] = {}
-    deadline = time.monotonic() + cfg.reward_timeout_s
-    for fut in futures:
+    for fut in ro.pop("futures"):
         try:
-            total, comp = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+            total, comp = fut.result(timeout=max(0.0, ro["deadline"] - time.monotonic()))
         except TimeoutError as exc:
-            raise TimeoutError(f"rewards of iteration {it} not ready within reward_timeout_s="
-                               f"{cfg.reward_timeout_s}s; is the judge server alive and fast enough?") from exc
+            raise TimeoutError(f"rewards of iteration {state.iteration} not ready within reward_timeout_s="
+                               f"{state.cfg.reward_timeout_s}s; is the judge server alive and fast enough?") from exc
         totals += total
         for k, v in comp.items():
             parts.setdefault(k, []).extend(v)
-    state.timings = {"time_rollout": t_sample, "time_reward_wait": time.perf_counter() - t1}
-    cat = lambda name: torch.cat([getattr(t, name) for t in trajs], dim=-3 if name == "final" else 1)  # noqa: E731
-    return {"cond": cond, "window": window, "sigmas": sigmas, "prompt_ids": torch.tensor(mine)[owner.cpu()],
-            "latents": cat("latents"), "next_latents": cat("next_latents"),
-            "log_probs": torch.cat([t.log_probs for t in trajs], dim=1), "rewards": totals, "reward_parts": parts}
+    ro.update(rewards=totals, reward_parts=parts)
+    state.timings["time_reward_wait"] = time.perf_counter() - t0
 
 
 def compute_advantages(state: GRPOState, ro: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -385,25 +392,39 @@ def _epoch_order(state: GRPOState, n: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=gen).to(state.device)
 
 
-def train_policy(state: GRPOState, ro: dict[str, Any], adv: torch.Tensor) -> dict[str, float]:
-    """GRPO updates over the iteration's samples; returns averaged loss statistics."""
+def old_log_probs(state: GRPOState, ro: dict[str, Any]) -> torch.Tensor:
+    """The old log-probs [W, n] of the ratio: the rollout's, or (``policy.old_logprob=recompute``) recomputed with
+    the training forward. Needs no reward, so it runs while the judge scores the last rollout batch."""
+    p = state.cfg.policy
+    state.policy.train()  # the rollout sampled in eval mode; the recompute must run what the updates run
+    old = ro["log_probs"]
+    if p.old_logprob != "recompute":
+        return old
+    # Same micro-batches, same module, same autograd mode as the first update (kernels may differ between grad and
+    # no-grad forwards), so the first inner step's ratio is exactly 1; the graphs are dropped at once.
+    old = torch.empty_like(old)
+    n, mb = old.shape[1], p.micro_batch_size
+    order = _epoch_order(state, n, 0)
+    for start in range(0, n, mb):
+        idx = order[start:start + mb]
+        for j in range(len(ro["window"])):
+            old[j, idx] = _scores(state, state.policy, ro, idx, j)[0].detach().to(old.dtype)
+    return old
+
+
+def train_policy(state: GRPOState, ro: dict[str, Any], adv: torch.Tensor,
+                 old: torch.Tensor | None = None) -> dict[str, float]:
+    """GRPO updates over the iteration's samples against ``old`` log-probs (default: :func:`old_log_probs`);
+    returns averaged loss statistics."""
     cfg, acc = state.cfg, state.accelerator
     p, r = cfg.policy, cfg.rollout
     n, W = adv.shape[0], len(ro["window"])
     mb = p.micro_batch_size
     clip = p.clip_range if p.clip_range is not None else default_clip_range(r.sde_type)
     policy = acc.unwrap_model(state.policy)
-    state.policy.train()  # the rollout sampled in eval mode; the recompute must run what the updates run
-    old = ro["log_probs"]
-    if p.old_logprob == "recompute":
-        # Same micro-batches, same module, same autograd mode as the first update (kernels may differ between grad
-        # and no-grad forwards), so the first inner step's ratio is exactly 1; the graphs are dropped at once.
-        old = torch.empty_like(old)
-        order = _epoch_order(state, n, 0)
-        for start in range(0, n, mb):
-            idx = order[start:start + mb]
-            for j in range(W):
-                old[j, idx] = _scores(state, state.policy, ro, idx, j)[0].detach().to(old.dtype)
+    if old is None:
+        old = old_log_probs(state, ro)
+    state.policy.train()
     sums: dict[str, float] = {}
     count = 0
     chunk = n // p.updates_per_epoch
@@ -565,15 +586,21 @@ def save_final(state: GRPOState) -> Path:
 # -- the loop ----------------------------------------------------------------------------------------------------------
 
 def iteration_step(state: GRPOState, pool: ThreadPoolExecutor) -> dict[str, Any]:
-    """One GRPO iteration: rollout -> advantages -> policy updates. Returns its metrics."""
+    """One GRPO iteration: rollout -> (old log-probs while the rewards come in) -> advantages -> policy updates.
+    Returns its metrics."""
     t0 = time.perf_counter()
     ro = rollout(state, pool)
-    adv, adv_stats = compute_advantages(state, ro)
     t1 = time.perf_counter()
-    loss_stats = train_policy(state, ro, adv)
+    old = old_log_probs(state, ro)  # needs no reward: overlaps the judge's last batch
+    t_old = time.perf_counter() - t1
+    collect_rewards(state, ro)
+    adv, adv_stats = compute_advantages(state, ro)
+    t2 = time.perf_counter()
+    loss_stats = train_policy(state, ro, adv, old)
     state.iteration += 1
     return {"optimizer_step": state.optimizer_step, **adv_stats, **loss_stats, **state.timings,
-            "time_train": time.perf_counter() - t1, "time_iteration": time.perf_counter() - t0,
+            "time_old_logprob": t_old, "time_train": time.perf_counter() - t2 + t_old,
+            "time_iteration": time.perf_counter() - t0,
             "window_start": ro["window"][0], "window_end": ro["window"][-1],
             "lr": float(state.scheduler.get_last_lr()[-1])}
 
