@@ -98,6 +98,8 @@ def test_sigma_schedule_is_the_pipelines(model: EditingModel) -> None:
         assert sigmas.shape == (steps + 1,) and sigmas[-1] == 0
         assert torch.allclose(sigmas, scheduler.sigmas.float())
         assert torch.all(sigmas[:-1] > sigmas[1:])
+    # One step: the stock scheduler's terminal stretch gives NaN (0 / 0); metacot takes one jump from noise.
+    assert sigma_schedule(model, 1, 16).tolist() == [1.0, 0.0]
     # Longer sequences are shifted towards high noise (the dynamic shift is really applied).
     assert sigma_schedule(model, 10, 4096)[5] > sigma_schedule(model, 10, 16)[5]
     assert torch.equal(model.scheduler.sigmas, untouched)  # the model's own scheduler is not modified

@@ -154,6 +154,10 @@ def sigma_schedule(model: EditingModel, num_steps: int, image_seq_len: int) -> t
 
     if num_steps < 1:
         raise ValueError(f"num_steps={num_steps}: need at least one denoising step")
+    if num_steps == 1:
+        # One Euler jump from pure noise. (The scheduler's terminal stretch divides by 1 - sigma_last, which is 0
+        # for a single sigma of 1: the stock pipeline gets NaN there.) Any shift maps sigma 1 to 1.
+        return torch.tensor([1.0, 0.0], dtype=torch.float32)
     config = model.scheduler.config
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
     mu = calculate_shift(
