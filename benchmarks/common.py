@@ -108,9 +108,10 @@ def shapes(model: Any, resolution: int) -> SimpleNamespace:
 
 def base_transformer(module: Any) -> Any:
     """The diffusers MMDiT inside a DDP, ``Experts`` (SFT) or peft wrapper."""
+    from metacot.models.speed import diffusers_transformer
+
     module = getattr(module, "module", module)  # DDP / DeepSpeed engine
-    module = getattr(module, "transformer", module)  # metacot.sft.trainer.Experts
-    return module.get_base_model() if hasattr(module, "get_base_model") else module
+    return diffusers_transformer(getattr(module, "transformer", module))  # metacot.sft.trainer.Experts
 
 
 @contextlib.contextmanager
@@ -128,10 +129,19 @@ def peft_lora_forward(module: torch.nn.Module) -> Iterator[None]:
             m.forward = f
 
 
-def uncompile_blocks(module: Any) -> None:
-    """Undo ``nn.Module.compile`` on the MMDiT blocks (eager again)."""
-    for block in base_transformer(module).transformer_blocks:
-        block._compiled_call_impl = None
+@contextlib.contextmanager
+def eager_blocks(module: Any) -> Iterator[None]:
+    """The MMDiT blocks run eagerly inside the block; on leaving, each block gets back the compiled state it had on
+    entering (so blocks compiled inside are eager again afterwards)."""
+    blocks = list(base_transformer(module).transformer_blocks)
+    saved = [b._compiled_call_impl for b in blocks]  # set by nn.Module.compile
+    for b in blocks:
+        b._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for b, c in zip(blocks, saved):
+            b._compiled_call_impl = c
 
 
 def fit_checkpointing(transformer: Any, probe: Callable[[], bool], layers: int, device: torch.device,
@@ -283,18 +293,10 @@ def count_forward_flops(transformer: Any, call: Callable[[], Any], seq_tokens: i
     handles.append(model.register_forward_pre_hook(count_sequences, with_kwargs=True))
     try:
         # peft's factored path, so every matmul (LoRA factors included) goes through a hooked nn.Linear; the
-        # count is the issue's convention whichever path the timed runs take.
-        # Eager blocks while counting: the hooks must run, and must stay out of compiled graphs.
-        blocks = list(model.transformer_blocks)
-        compiled = [b._compiled_call_impl for b in blocks]
-        for b in blocks:
-            b._compiled_call_impl = None
-        try:
-            with torch.no_grad(), peft_lora_forward(transformer):
-                call()
-        finally:
-            for b, c in zip(blocks, compiled):
-                b._compiled_call_impl = c
+        # count is the issue's convention whichever path the timed runs take. Eager blocks: the hooks must run,
+        # and must stay out of compiled graphs.
+        with torch.no_grad(), peft_lora_forward(transformer), eager_blocks(transformer):
+            call()
     finally:
         for h in handles:
             h.remove()
@@ -388,6 +390,41 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+def release(state: Any, device: torch.device) -> None:
+    """End a variant's trainer state: close its run, free the accelerator and the GPU memory it held."""
+    from metacot.training import release_accelerator
+
+    state.run.close()
+    release_accelerator(state.accelerator)
+    reset_memory(device)
+
+
+def run_variants(args: Any, benchmark: str, variants: Sequence[str],
+                 run_one: Callable[[torch.device, int, str, float], dict[str, Any]],
+                 hidden: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, Any], Path]:
+    """Run ``run_one(device, index, spec, peak_tflops)`` per variant in this process and rewrite ``OUT/name.json``
+    after each (``complete`` false until the last), so a run stopped by a time limit keeps what finished.
+
+    Returns the rows, the peak measurement and the result path. ``hidden``: row keys left out of the progress line.
+    """
+    device = pick_device(args.tiny)
+    single_process()
+    peak = peak_matmul_tflops(device)
+    rows: list[dict[str, Any]] = []
+    path = Path(args.out) / f"{args.name}.json"
+    for i, spec in enumerate(variants):
+        row = run_one(device, i, spec, peak["tflops"])
+        rows.append(row)
+        print({k: v for k, v in row.items() if k not in hidden}, flush=True)
+        path = write_result(args.out, args.name, {
+            "benchmark": benchmark, "complete": i == len(variants) - 1, "env": environment(device),
+            "peak_bf16_matmul": peak, "args": vars(args),
+            "conventions": {"resolution": args.resolution, "target_tokens": 1024, "source_tokens": 1024,
+                            "text_tokens": TEXT_TOKENS}, "rows": rows})
+    print(f"\npeak bf16 matmul {peak['tflops']:.0f} TFLOP/s; wrote {path}")
+    return rows, peak, path
 
 
 def single_process() -> None:

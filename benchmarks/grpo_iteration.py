@@ -229,21 +229,23 @@ def denoise_forwards(state: Any, stubs: common.Stubs, pair: float, peak: float, 
         print({k: v for k, v in row.items() if k != "samples_s"}, flush=True)
         return row
 
-    for batch in batches:
-        for lora, backend in FORWARD_SETTINGS:
-            try:
-                rows.append(measure(batch, lora, backend, False))
-            except Exception as exc:  # an attention backend this GPU / build lacks: recorded, not fatal
-                rows.append({"rollout_batch": batch, "lora": lora, "attention": backend, "error": repr(exc)[:300]})
-    fused = [r for r in rows if r.get("lora") == "fused" and "forward_s" in r and r["rollout_batch"] == batches[0]]
-    best = min(fused, key=lambda r: r["forward_s"])["attention"]
-    if compile_best:
-        compile_blocks(policy)
-        try:
+    # Eager blocks for the uncompiled rows even when the variant compiles them; the variant's own state is back
+    # on leaving (blocks compiled here become eager again).
+    with common.eager_blocks(policy):
+        for batch in batches:
+            for lora, backend in FORWARD_SETTINGS:
+                try:
+                    rows.append(measure(batch, lora, backend, False))
+                except Exception as exc:  # an attention backend this GPU / build lacks: recorded, not fatal
+                    rows.append({"rollout_batch": batch, "lora": lora, "attention": backend,
+                                 "error": repr(exc)[:300]})
+        fused = [r for r in rows if r.get("lora") == "fused" and "forward_s" in r
+                 and r["rollout_batch"] == batches[0]]
+        best = min(fused, key=lambda r: r["forward_s"])["attention"]
+        if compile_best:
+            compile_blocks(policy)
             for batch in batches:
                 rows.append(measure(batch, "fused", best, True))
-        finally:
-            common.uncompile_blocks(policy)
     set_attention_backend(policy, state.cfg.generation.attention_backend or "native")
     return rows
 
@@ -286,8 +288,6 @@ def summarise(row: dict[str, Any], state: Any, pair: float, peak: float) -> None
 
 def run_variant(args: argparse.Namespace, device: torch.device, spec: str, peak: float,
                 forwards: bool) -> dict[str, Any]:
-    from metacot.training import release_accelerator
-
     v = parse_variant(spec, args.iterations)
     row: dict[str, Any] = {"variant": spec, **v, "layers": args.layers, "adapters": args.adapters,
                            "reward_seconds": args.reward_seconds}
@@ -332,10 +332,7 @@ def run_variant(args: argparse.Namespace, device: torch.device, spec: str, peak:
         summarise(row, state, pair["forward"], peak)
         return row
     finally:
-        state.run.close()
-        release_accelerator(state.accelerator)
-        del state
-        common.reset_memory(device)
+        common.release(state, device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -360,22 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.tiny:
         args.resolution = 64
-    device = common.pick_device(args.tiny)
-    common.single_process()
     variants = args.variant or ["window=full,mb=4,ckpt=fit", "window=early2,mb=4,ckpt=fit"]
-    peak = common.peak_matmul_tflops(device)
-    rows = []
-    for i, spec in enumerate(variants):
-        row = run_variant(args, device, spec, peak["tflops"], forwards=args.forwards and i == 0)
-        rows.append(row)
-        print({k: v for k, v in row.items() if k not in ("iterations", "denoise_forwards", "pair_flops")}, flush=True)
-        common.write_result(args.out, args.name, {"benchmark": "grpo_iteration", "partial": True, "rows": rows})
-    result = {"benchmark": "grpo_iteration", "env": common.environment(device), "peak_bf16_matmul": peak,
-              "args": vars(args), "conventions": {"resolution": args.resolution, "target_tokens": 1024,
-                                                  "source_tokens": 1024, "text_tokens": common.TEXT_TOKENS},
-              "rows": rows}
-    path = common.write_result(args.out, args.name, result)
-    print(f"\npeak bf16 matmul {peak['tflops']:.0f} TFLOP/s; wrote {path}")
+    rows, _, _ = common.run_variants(
+        args, "grpo_iteration", variants,
+        lambda device, i, spec, peak: run_variant(args, device, spec, peak, forwards=args.forwards and i == 0),
+        hidden=("iterations", "denoise_forwards", "pair_flops"))
     fw = [f for r in rows for f in r.get("denoise_forwards", [])]
     if fw:
         print(common.table(fw, ["rollout_batch", "sequences", "lora", "attention", "compiled", "forward_s", "mfu"]))

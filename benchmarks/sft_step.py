@@ -114,8 +114,6 @@ def try_step(state: Any, stubs: common.Stubs) -> float | None:
 
 
 def run_variant(args: argparse.Namespace, device: torch.device, spec: str, peak: float) -> dict[str, Any]:
-    from metacot.training import release_accelerator
-
     rank_s, ckpt, micro_s = spec.split(",")
     rank, micro = int(rank_s), int(micro_s)
     row: dict[str, Any] = {"variant": spec, "rank": rank, "ckpt": ckpt, "micro": micro, "layers": args.layers,
@@ -157,10 +155,7 @@ def run_variant(args: argparse.Namespace, device: torch.device, spec: str, peak:
                    / row["flops"]["nograd_micro_s"] / (peak * 1e12))
         return row
     finally:
-        state.run.close()
-        release_accelerator(state.accelerator)
-        del state
-        common.reset_memory(device)
+        common.release(state, device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,22 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.tiny:
         args.resolution = 64
-    device = common.pick_device(args.tiny)
-    common.single_process()
     variants = args.variant or ["32,all,4", "32,none,4", "64,all,4", "64,none,4"]
-    peak = common.peak_matmul_tflops(device)
-    rows = []
-    for spec in variants:
-        row = run_variant(args, device, spec, peak["tflops"])
-        rows.append(row)
-        print({k: v for k, v in row.items() if k not in ("steps_s", "warmup_s")}, flush=True)
-        common.write_result(args.out, args.name, {"benchmark": "sft_step", "partial": True, "rows": rows})
-    result = {"benchmark": "sft_step", "env": common.environment(device), "peak_bf16_matmul": peak,
-              "args": vars(args), "conventions": {"resolution": args.resolution, "target_tokens": 1024,
-                                                  "source_tokens": 1024, "text_tokens": common.TEXT_TOKENS},
-              "rows": rows}
-    path = common.write_result(args.out, args.name, result)
-    print(f"\npeak bf16 matmul {peak['tflops']:.0f} TFLOP/s; wrote {path}")
+    rows, _, _ = common.run_variants(args, "sft_step", variants,
+                                     lambda device, _i, spec, peak: run_variant(args, device, spec, peak),
+                                     hidden=("steps_s", "warmup_s"))
     print(common.table(rows, ["variant", "status", "ckpt_blocks", "step_s", "samples_per_s", "mfu", "nograd_mfu",
                               "mem_gib"]))
     return 0

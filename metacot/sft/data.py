@@ -37,6 +37,10 @@ class EditSample:
     # condition encoder and the VAE see; ``source`` (output size) is what the understanding expert reads.
     context: Image.Image | None = None
 
+    @property
+    def conditioning_image(self) -> Image.Image:
+        return self.source if self.context is None else self.context
+
 
 @dataclass
 class UnderstandingSample:

@@ -236,7 +236,7 @@ def build_inputs(state: SFTState, edits: list[EditSample], und: list[Understandi
     with torch.no_grad():
         x0 = encode_latents(base, [s.target for s in edits]).to(dev)
         src = source_shape(base, cfg.data.resolution, cfg.data.resolution, cfg.data.source_area)
-        contexts = [s.source if s.context is None else s.context for s in edits]  # at the source latent size
+        contexts = [s.conditioning_image for s in edits]  # at the source latent size
         if any(img.size != (src[1], src[0]) for img in contexts):
             contexts = resize_sources(base, contexts, *src)
         ctx = encode_latents(base, contexts).to(dev)
