@@ -198,6 +198,9 @@ def test_attention_backend(tiny_models) -> None:
         default = _out(policy, inputs)
         speed.set_attention_backend(policy, "_native_math")
         math_out = _out(policy, inputs)
+    backends = {b.attn.processor._attention_backend.value
+                for b in speed.diffusers_transformer(policy).transformer_blocks}
+    assert backends == {"_native_math"}, backends
     assert torch.allclose(default, math_out, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="'flashy' is not a diffusers attention backend"):
         speed.set_attention_backend(policy, "flashy")
