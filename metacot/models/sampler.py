@@ -150,7 +150,6 @@ def sigma_schedule(model: EditingModel, num_steps: int, image_seq_len: int) -> t
         float32 ``[N+1]``, decreasing from ~1 to the terminal sigma, then 0.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_shift
 
     if num_steps < 1:
         raise ValueError(f"num_steps={num_steps}: need at least one denoising step")
@@ -158,14 +157,34 @@ def sigma_schedule(model: EditingModel, num_steps: int, image_seq_len: int) -> t
         # One Euler jump from pure noise. (The scheduler's terminal stretch divides by 1 - sigma_last, which is 0
         # for a single sigma of 1: the stock pipeline gets NaN there.) Any shift maps sigma 1 to 1.
         return torch.tensor([1.0, 0.0], dtype=torch.float32)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=_shift_mu(model, image_seq_len))
+    return scheduler.sigmas.to(torch.float32).cpu()
+
+
+def _shift_mu(model: EditingModel, image_seq_len: int) -> float:
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_shift
+
     config = model.scheduler.config
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
-    mu = calculate_shift(
+    return calculate_shift(
         image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
         config.get("base_shift", 0.5), config.get("max_shift", 1.15),
     )
-    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
-    return scheduler.sigmas.to(torch.float32).cpu()
+
+
+def sampler_shift(model: EditingModel, image_seq_len: int) -> float:
+    """The factor ``s`` of the sampler's sigma shift ``s*t / (1 + (s-1)*t)`` at ``image_seq_len`` output tokens.
+
+    The stock scheduler shifts exponentially with ``mu`` from the sequence length (``s = e^mu``) when dynamic shifting
+    is on, else by its fixed ``shift``. Stage 1 uses it to train the noise levels the sampler visits (the terminal
+    stretch, a small change near sigma 0, is left out).
+    """
+    config = model.scheduler.config
+    if not config.get("use_dynamic_shifting", False):
+        return float(config.get("shift", 1.0))
+    mu = _shift_mu(model, image_seq_len)
+    # diffusers' time_shift: exponential e^mu / (e^mu + (1/t - 1)), linear mu / (mu + (1/t - 1)): both are s*t/(...).
+    return float(mu if config.get("time_shift_type", "exponential") == "linear" else np.exp(mu))
 
 
 def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -178,6 +197,12 @@ def image_shapes(model: EditingModel, height: int, width: int) -> tuple[int, int
     ``img_shapes`` entries are written (the trainers build their ``img_shapes`` with it)."""
     check_size(model, height, width)
     return (1, height // model.vae_scale_factor // 2, width // model.vae_scale_factor // 2)
+
+
+def image_seq_len(model: EditingModel, height: int, width: int) -> int:
+    """Packed latent tokens of a ``width x height`` output image (what the sampler's shift is computed from)."""
+    _, rows, cols = image_shapes(model, height, width)
+    return rows * cols
 
 
 def predict_velocity(

@@ -35,7 +35,14 @@ from metacot.models.conditioning import (
     encode_conditions,
 )
 from metacot.models.loading import EditingModel, load_editing_model
-from metacot.models.sampler import encode_latents, image_shapes, resize_sources, source_shape
+from metacot.models.sampler import (
+    encode_latents,
+    image_seq_len,
+    image_shapes,
+    resize_sources,
+    sampler_shift,
+    source_shape,
+)
 from metacot.models.speed import apply_speed_options
 from metacot.run import Run
 from metacot.sft.config import SFTConfig
@@ -99,14 +106,13 @@ class Experts(torch.nn.Module):
 
 # -- pure pieces -------------------------------------------------------------------------------------------------
 
-def sample_sigmas(n: int, cfg: SFTConfig, gen: torch.Generator) -> torch.Tensor:
-    """Training noise levels sigma in (0, 1) [n]: logit-normal or uniform, then the optional shift."""
+def sample_sigmas(n: int, cfg: SFTConfig, gen: torch.Generator, shift: float) -> torch.Tensor:
+    """Training noise levels sigma in (0, 1) [n]: logit-normal or uniform, then the shift ``shift`` (> 0)."""
     if cfg.timestep_sampling == "logit_normal":
         sigma = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(n, generator=gen))
     else:
         sigma = torch.rand(n, generator=gen)
-    s = cfg.timestep_shift
-    sigma = s * sigma / (1 + (s - 1) * sigma)
+    sigma = shift * sigma / (1 + (shift - 1) * sigma)
     return sigma.clamp(1e-4, 1 - 1e-4)
 
 
@@ -162,6 +168,7 @@ class SFTState:
     data: SFTDataset
     device: torch.device
     grad_accum: int
+    sigma_shift: float  # the resolved cfg.timestep_shift (0 = the sampler's shift at the training resolution)
     step: int = 0
 
 
@@ -198,7 +205,8 @@ def setup(cfg: SFTConfig) -> SFTState:
     accelerator = build_accelerator(cfg.train, micro_batch=cfg.micro_batch_size, grad_accum=grad_accum)
     experts, optimizer, scheduler = accelerator.prepare(experts, optimizer, scheduler)
     run = Run(cfg.output_dir, cfg, resume=cfg.train.resume, writer=accelerator.is_main_process)
-    state = SFTState(cfg, run, accelerator, experts, optimizer, scheduler, base, data, device, grad_accum)
+    shift = cfg.timestep_shift or sampler_shift(base, image_seq_len(base, cfg.data.resolution, cfg.data.resolution))
+    state = SFTState(cfg, run, accelerator, experts, optimizer, scheduler, base, data, device, grad_accum, shift)
     latest = run.latest_checkpoint() if cfg.train.resume else None
     if latest is not None:
         state.step = int(load_training_state(accelerator, latest)["step"])
@@ -232,7 +240,7 @@ def build_inputs(state: SFTState, edits: list[EditSample], und: list[Understandi
     gen = step_generator(cfg.train.seed, step, stream=micro)
     n = len(edits)
     cases = draw_dropout_cases(n, cfg, gen)
-    sigma = sample_sigmas(n, cfg, gen)
+    sigma = sample_sigmas(n, cfg, gen, state.sigma_shift)
     with torch.no_grad():
         x0 = encode_latents(base, [s.target for s in edits]).to(dev)
         src = source_shape(base, cfg.data.resolution, cfg.data.resolution, cfg.data.source_area)
