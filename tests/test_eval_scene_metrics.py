@@ -212,3 +212,23 @@ def test_score_rows_aggregate_and_paper_table(tmp_path) -> None:
     assert camera[header.index(" model ")].strip() == "1.000 [1.00, 1.00]"
     assert camera[header.index(" copy ")].strip() == "0.000 [0.00, 0.00]"
     assert any(line.startswith("| recolour | ") for line in lines)
+
+
+def test_eval_cli_baselines_on_a_synthetic_dataset(tmp_path, capsys) -> None:
+    """`metacot eval --baselines-only` on real synth records: copy keeps everything and follows nothing."""
+    import json
+
+    from data_recipes.synth import generate
+    from metacot.eval.cli import main
+
+    generate(tmp_path / "data", n=22, seed=0, resolution=RES)
+    assert main(["--data", str(tmp_path / "data" / "train.jsonl"), "--out", str(tmp_path / "eval"),
+                 "--baselines-only"]) == 0
+    printed = capsys.readouterr().out
+    assert "| method | n | Ins | Con | Nat | Art | CoT acc |" in printed
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    copy = results["methods"]["copy"]["overall"]["ci"]
+    assert copy["ins"]["mean"] == 0.0 and copy["con"]["mean"] == 1.0 and copy["ins"]["n"] == 20
+    erase = results["methods"]["erase"]["category"]["remove"]["ci"]["ins"]
+    assert erase["mean"] == 1.0  # erasing is the right answer to a removal
+    assert "Ins per meta-task" in (tmp_path / "eval" / "table.md").read_text()
