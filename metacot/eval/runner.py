@@ -1,10 +1,13 @@
 """``metacot eval``: edit held-out samples with a model and score them against ground truth and baselines.
 
 Per sample and method (the model, ``copy``, ``erase``) it records the ground-truth measures of
-:mod:`metacot.eval.metrics` and, when a judge is configured, a judge score with a prompt *other than* the training
-reward's (the reward itself is never the headline: it is what RL optimised, so it hides reward hacking). Results are
+:mod:`metacot.eval.metrics`, the paper's columns of :mod:`metacot.eval.scene_metrics` (Ins, Con, Nat, Art; CoT
+accuracy when given the CoT the model wrote) and, when a judge is configured, a judge score with a prompt *other
+than* the training reward's (the reward itself is never the headline: it is what RL optimised, so it hides reward
+hacking). Results are
 appended to ``OUT/samples.jsonl`` as each batch finishes, so an interrupted evaluation resumes where it stopped;
-``OUT/results.json`` and ``OUT/table.md`` hold the aggregates per meta-task and per category.
+``OUT/results.json`` and ``OUT/table.md`` hold the aggregates per meta-task and per category (with 95 % bootstrap
+intervals for the paper's columns).
 
 Suites plug in by name: :data:`SUITES` maps a name to a loader ``(path, split) -> list[EvalSample]``; ``jsonl`` reads
 metacot's own records. Public benchmarks (GEdit-Bench, ImgEdit, RISEBench) are left for their own loaders.
@@ -278,7 +281,8 @@ def format_paper_table(results: dict[str, Any]) -> str:
                      + " | ".join(_ci_cell(overall, m) for _, m in PAPER_COLUMNS) + " |")
     for level, title in (("meta_task", "meta-task"), ("category", "category")):
         keys = sorted({k for m in methods.values() for k in m[level]})
-        lines += ["", f"Ins per {title}", "", f"| {title} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        lines += ["", f"Ins per {title}", "", f"| {title} | " + " | ".join(names) + " |",
+                  "|---" * (len(names) + 1) + "|"]
         for key in keys:
             lines.append(f"| {key} | " + " | ".join(_ci_cell(methods[n][level].get(key), "ins") for n in names) + " |")
     return "\n".join(lines) + "\n"
