@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.model is None and not args.baselines_only:
         parser.error("--model is required unless --baselines-only")
-    from metacot.eval.runner import SUITES, format_table, run_eval
+    from metacot.eval.runner import SUITES, format_paper_table, format_table, run_eval
 
     if args.suite not in SUITES:
         print(f"metacot eval: unknown suite {args.suite!r}; available: {', '.join(SUITES)}", file=sys.stderr)
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metacot eval: {exc}", file=sys.stderr)
         return 1
     print(format_table(results))
+    print(format_paper_table(results))
     print(f"results: {args.out}/results.json")
     return 0
 

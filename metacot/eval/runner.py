@@ -1,10 +1,13 @@
 """``metacot eval``: edit held-out samples with a model and score them against ground truth and baselines.
 
 Per sample and method (the model, ``copy``, ``erase``) it records the ground-truth measures of
-:mod:`metacot.eval.metrics` and, when a judge is configured, a judge score with a prompt *other than* the training
-reward's (the reward itself is never the headline: it is what RL optimised, so it hides reward hacking). Results are
+:mod:`metacot.eval.metrics`, the paper's columns of :mod:`metacot.eval.scene_metrics` (Ins, Con, Nat, Art; CoT
+accuracy when given the CoT the model wrote) and, when a judge is configured, a judge score with a prompt *other
+than* the training reward's (the reward itself is never the headline: it is what RL optimised, so it hides reward
+hacking). Results are
 appended to ``OUT/samples.jsonl`` as each batch finishes, so an interrupted evaluation resumes where it stopped;
-``OUT/results.json`` and ``OUT/table.md`` hold the aggregates per meta-task and per category.
+``OUT/results.json`` and ``OUT/table.md`` hold the aggregates per meta-task and per category (with 95 % bootstrap
+intervals for the paper's columns).
 
 Suites plug in by name: :data:`SUITES` maps a name to a loader ``(path, split) -> list[EvalSample]``; ``jsonl`` reads
 metacot's own records. Public benchmarks (GEdit-Bench, ImgEdit, RISEBench) are left for their own loaders.
@@ -22,12 +25,15 @@ from typing import Any, Callable, Sequence
 import torch
 from PIL import Image
 
-from metacot.cot import render
+from metacot.cot import MetaTask, render
 from metacot.cot.schema import EditRecord, load_records
 from metacot.eval.metrics import BASELINES, baseline_image, edit_scores
+from metacot.eval.scene_metrics import COT_MEASURES, SCENE_MEASURES, bootstrap_ci, cot_accuracy, instruction_consistency
 from metacot.models.conditioning import build_prompt
 
 MEASURES = ("sim", "sim_changed", "sim_kept", "psnr")
+# Measures that get 95 % bootstrap intervals (0/1 or [0, 1] per sample; see metacot.eval.scene_metrics).
+CI_MEASURES = (*SCENE_MEASURES, *COT_MEASURES)
 
 
 @dataclass
@@ -86,7 +92,10 @@ def _append(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def _score_rows(method: str, samples: Sequence[EvalSample], images: Sequence[Image.Image],
-                judge: Callable | None, image_dir: Path) -> list[dict[str, Any]]:
+                judge: Callable | None, image_dir: Path, cots: Sequence[str | None] | None = None
+                ) -> list[dict[str, Any]]:
+    """One result row per sample. ``cots``: the Meta-CoT text each image was conditioned on, when the model wrote
+    it (None entries: it wrote none); scored against the record's CoT as ``cot_*`` and kept as ``cot_text``."""
     rows = []
     judge_scores: list[float | None] = [None] * len(samples)
     if judge is not None:
@@ -99,11 +108,18 @@ def _score_rows(method: str, samples: Sequence[EvalSample], images: Sequence[Ima
             extras={"ids": [s.id for s in samples], "target_images": [s.target for s in samples],
                     "scene_before": [getattr(r, "scene_before", None) for r in recs],
                     "scene_after": [getattr(r, "scene_after", None) for r in recs]}))
-    for s, img, js in zip(samples, images, judge_scores):
+    for k, (s, img, js) in enumerate(zip(samples, images, judge_scores)):
         path = image_dir / method / f"{s.id}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         img.save(path)
         scores = edit_scores(img, s.source, s.target) if s.target is not None else {}
+        if s.target is not None:
+            scores |= instruction_consistency(img, s.source, s.target, getattr(s.record, "scene_before", None),
+                                              getattr(s.record, "scene_after", None),
+                                              whole_view=MetaTask.CAMERA_MOTION.value in s.meta_tasks)
+        if cots is not None:
+            truth = getattr(s.record, "cot", None)
+            scores |= {"cot_text": cots[k], **(cot_accuracy(cots[k], truth) if truth is not None else {})}
         rows.append({"id": s.id, "method": method, "meta_tasks": list(s.meta_tasks), "category": s.category,
                      "image": str(path.relative_to(image_dir.parent)), **scores, "judge": js})
     return rows
@@ -143,7 +159,7 @@ def run_eval(model_dir: str | Path | None, samples: Sequence[EvalSample], out: s
                         seed=seed, no_cot=no_cot, cot_source=cot_source, judge=judge, method=method, device=device)
     results = aggregate([json.loads(line) for line in cache.read_text().splitlines() if line.strip()])
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "table.md").write_text(format_table(results))
+    (out / "table.md").write_text(format_table(results) + "\n" + format_paper_table(results))
     return results
 
 
@@ -193,24 +209,34 @@ def _mean(values: Sequence[Any]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Means of every measure per method: overall, per meta-task and per category (with counts)."""
+def aggregate(rows: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
+    """Means of every measure per method: overall, per meta-task and per category (with counts).
+
+    Every group also holds ``ci``: measure -> ``{"n", "mean", "lo", "hi"}``, a 95 % percentile bootstrap interval
+    (1000 resamples, ``seed``) for each of :data:`CI_MEASURES` (n counts the samples that have the measure).
+    """
     methods: dict[str, Any] = {}
     for method in sorted({r["method"] for r in rows}):
         mine = [r for r in rows if r["method"] == method]
-        entry: dict[str, Any] = {"n": len(mine), "overall": _means(mine), "meta_task": {}, "category": {}}
+        entry: dict[str, Any] = {"n": len(mine), "overall": _means(mine, seed), "meta_task": {}, "category": {}}
         for task in sorted({t for r in mine for t in r["meta_tasks"]}):
             group = [r for r in mine if task in r["meta_tasks"]]
-            entry["meta_task"][task] = {"n": len(group), **_means(group)}
+            entry["meta_task"][task] = {"n": len(group), **_means(group, seed)}
         for cat in sorted({r["category"] for r in mine}):
             group = [r for r in mine if r["category"] == cat]
-            entry["category"][cat] = {"n": len(group), **_means(group)}
+            entry["category"][cat] = {"n": len(group), **_means(group, seed)}
         methods[method] = entry
-    return {"methods": methods, "measures": list(MEASURES) + ["judge"]}
+    return {"methods": methods, "measures": [*MEASURES, *CI_MEASURES, "judge"]}
 
 
-def _means(rows: Sequence[dict[str, Any]]) -> dict[str, float | None]:
-    return {m: _mean([r.get(m) for r in rows]) for m in (*MEASURES, "judge")}
+def _means(rows: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
+    means: dict[str, Any] = {m: _mean([r.get(m) for r in rows]) for m in (*MEASURES, *CI_MEASURES, "judge")}
+    means["ci"] = {}
+    for m in CI_MEASURES:
+        values = [r[m] for r in rows if r.get(m) is not None and not math.isnan(r[m])]
+        lo, hi = bootstrap_ci(values, seed)
+        means["ci"][m] = {"n": len(values), "mean": means[m], "lo": lo, "hi": hi}
+    return means
 
 
 def format_table(results: dict[str, Any], measure: str = "sim_changed") -> str:
@@ -228,4 +254,35 @@ def format_table(results: dict[str, Any], measure: str = "sim_changed") -> str:
     for task in tasks:
         lines.append(f"| {task} | " + " | ".join(cell(methods[n]["meta_task"].get(task)) for n in names) + " |")
     lines.append("| **overall** | " + " | ".join(cell(methods[n]["overall"]) for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+PAPER_COLUMNS = (("Ins", "ins"), ("Con", "con"), ("Nat", "nat"), ("Art", "art"), ("CoT acc", "cot_acc"))
+
+
+def _ci_cell(group: dict[str, Any] | None, measure: str) -> str:
+    ci = None if group is None else group.get("ci", {}).get(measure)
+    if ci is None or ci["mean"] is None:
+        return "-"
+    return f"{ci['mean']:.3f} [{ci['lo']:.2f}, {ci['hi']:.2f}]"
+
+
+def format_paper_table(results: dict[str, Any]) -> str:
+    """Markdown tables laid out like the paper's ablation: one row per method with Ins / Con / Nat / Art / CoT acc
+    (mean [95 % bootstrap interval]), then Ins per meta-task and per category (rows) and method (columns)."""
+    methods = results["methods"]
+    names = list(methods)
+    lines = ["Ground-truth columns (all higher is better; mean [95 % bootstrap interval]; see README "
+             "'Evaluation columns')", "", "| method | n | " + " | ".join(c for c, _ in PAPER_COLUMNS) + " |",
+             "|---" * (len(PAPER_COLUMNS) + 2) + "|"]
+    for name in names:
+        overall = methods[name]["overall"]
+        lines.append(f"| {name} | {methods[name]['n']} | "
+                     + " | ".join(_ci_cell(overall, m) for _, m in PAPER_COLUMNS) + " |")
+    for level, title in (("meta_task", "meta-task"), ("category", "category")):
+        keys = sorted({k for m in methods.values() for k in m[level]})
+        lines += ["", f"Ins per {title}", "", f"| {title} | " + " | ".join(names) + " |",
+                  "|---" * (len(names) + 1) + "|"]
+        for key in keys:
+            lines.append(f"| {key} | " + " | ".join(_ci_cell(methods[n][level].get(key), "ins") for n in names) + " |")
     return "\n".join(lines) + "\n"
