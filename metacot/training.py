@@ -74,6 +74,9 @@ class ExpertConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 100  # optimizer steps (SFT) or GRPO iterations (Flow-GRPO)
+    # Flow-GRPO: also stop once the iterations (rollout + reward wait + training; evaluation excluded) have taken this
+    # many seconds in all, for comparisons at equal GPU time (0 = no time budget). The final/ is written as usual.
+    max_seconds: float = 0.0
     seed: int = 0
     # DeepSpeed: "zero2", "zero3", "zero3_offload" (files in launch/deepspeed/), a path to a JSON file, or "none"
     # (plain accelerate, e.g. for quick CPU experiments).
@@ -93,6 +96,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check(self.max_steps > 0, "train.max_steps", "must be > 0")
+        check(self.max_seconds >= 0, "train.max_seconds", "must be >= 0 (0 = no time budget)")
         check(self.lr_schedule in {"constant", "cosine", "linear"}, "train.lr_schedule",
               f"is {self.lr_schedule!r}; use constant, cosine or linear")
         check(self.mixed_precision in {"auto", "no", "bf16"}, "train.mixed_precision", "use auto, no or bf16")

@@ -121,6 +121,7 @@ class GRPOState:
     grad_accum: int
     iteration: int = 0
     optimizer_step: int = 0
+    train_seconds: float = 0.0  # summed time_iteration (train.max_seconds)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -241,6 +242,7 @@ def setup(cfg: GRPOConfig) -> GRPOState:
     if latest is not None:
         saved = load_training_state(accelerator, latest)
         state.iteration, state.optimizer_step = int(saved["step"]), int(saved["optimizer_step"])
+        state.train_seconds = float(saved.get("train_seconds", 0.0))
         if ema is not None:
             loaded = torch.load(latest / "ema.pt", weights_only=True)
             for dst, src in zip(ema, loaded):
@@ -557,7 +559,8 @@ def maybe_save_checkpoint(state: GRPOState, force: bool = False) -> Path | None:
     if state.ema is not None:
         write_ema = lambda folder: torch.save([e.cpu() for e in state.ema], folder / "ema.pt")  # noqa: E731
     return save_checkpoint(state.accelerator, state.run, state.iteration,
-                           {"optimizer_step": state.optimizer_step}, state.cfg.train.keep_checkpoints, write_ema)
+                           {"optimizer_step": state.optimizer_step, "train_seconds": state.train_seconds},
+                           state.cfg.train.keep_checkpoints, write_ema)
 
 
 def save_final(state: GRPOState) -> Path:
@@ -598,11 +601,17 @@ def iteration_step(state: GRPOState, pool: ThreadPoolExecutor) -> dict[str, Any]
     t2 = time.perf_counter()
     loss_stats = train_policy(state, ro, adv, old)
     state.iteration += 1
+    state.train_seconds += time.perf_counter() - t0
     return {"optimizer_step": state.optimizer_step, **adv_stats, **loss_stats, **state.timings,
             "time_old_logprob": t_old, "time_train": time.perf_counter() - t2 + t_old,
-            "time_iteration": time.perf_counter() - t0,
+            "time_iteration": time.perf_counter() - t0, "train_seconds": state.train_seconds,
             "window_start": ro["window"][0], "window_end": ro["window"][-1],
             "lr": float(state.scheduler.get_last_lr()[-1])}
+
+
+def _out_of_time(state: GRPOState) -> bool:
+    budget = state.cfg.train.max_seconds
+    return bool(budget) and state.train_seconds >= budget
 
 
 def train(cfg: GRPOConfig) -> Path:
@@ -616,14 +625,16 @@ def train(cfg: GRPOConfig) -> Path:
         if state.iteration == 0:
             # Every rank evaluates (a ZeRO-3 forward is collective); only the main rank writes.
             state.run.log(0, **evaluate(state))
-        while state.iteration < cfg.train.max_steps:
+        while state.iteration < cfg.train.max_steps and not _out_of_time(state):
             stop_if_requested(stop, state.run, state.iteration, lambda: maybe_save_checkpoint(state, force=True))
             metrics = iteration_step(state, pool)
             every = cfg.eval.every
-            if (every and state.iteration % every == 0) or state.iteration == cfg.train.max_steps:
+            last = state.iteration == cfg.train.max_steps or _out_of_time(state)
+            if (every and state.iteration % every == 0) or last:
                 metrics.update(evaluate(state))
-            if (state.iteration % cfg.train.log_every == 0 or state.iteration == cfg.train.max_steps
-                    or "eval_reward" in metrics):
+            if _out_of_time(state):
+                metrics["stopped_by_time"] = 1
+            if state.iteration % cfg.train.log_every == 0 or last or "eval_reward" in metrics:
                 state.run.log(state.iteration, **metrics)
             if bar is not None:
                 bar.update(1)

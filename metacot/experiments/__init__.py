@@ -1,0 +1,1 @@
+"""Experiments built from the library's stages: ``ablation`` (the Meta-CoT paper's ablation in miniature)."""
