@@ -148,6 +148,38 @@ def load_understanding(folder: str | Path, *, device: Any = "cpu", dtype: torch.
 
 # -- writing ----------------------------------------------------------------------------------------------------------
 
+def fit_to_budget(processor: Any, instruction: str, text: str, *, include_instruction: bool = True,
+                  budget: int | None = None) -> tuple[str, bool]:
+    """Cut a written Meta-CoT from its end until the generator's condition fits the text budget.
+
+    A model's CoT can run to ``max_new_tokens`` (an undertrained one rambles); with the instruction it may then exceed
+    the condition encoder's budget, which :func:`metacot.models.conditioning.encode_conditions` refuses. Training
+    data is checked against the budget up front; written text is cut instead, and the caller counts the cut.
+
+    Args:
+        processor: the condition encoder's processor (its tokenizer counts).
+        budget: text tokens after the prefix (default: the encoder's ``DEFAULT_MAX_TEXT_TOKENS``).
+
+    Returns:
+        ``(text, cut)``: the text as written when it fits, else its longest fitting prefix and True.
+    """
+    from metacot.models.conditioning import DEFAULT_MAX_TEXT_TOKENS, build_prompt, condition_text_token_counts
+
+    budget = DEFAULT_MAX_TEXT_TOKENS if budget is None else budget
+    cut = False
+    for _ in range(8):  # a decode/encode round trip can shift the count by a token or two: re-check
+        if not text.strip():
+            return text, cut
+        prompt = build_prompt(instruction, text, include_instruction=include_instruction)
+        over = condition_text_token_counts(processor, [prompt], with_image=True)[0] - budget
+        if over <= 0:
+            return text, cut
+        ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        text = processor.tokenizer.decode(ids[:max(0, len(ids) - over - 1)], skip_special_tokens=True).rstrip()
+        cut = True
+    return "", True
+
+
 
 def user_chat(processor: Any, instruction: str) -> str:
     """The prompt text of the understanding expert's chat (image + instruction, open assistant turn)."""

@@ -189,7 +189,7 @@ def _eval_model(model_dir: str | Path, todo: Sequence[EvalSample], out: Path, ca
 
     from metacot.export.edit import load_model
     from metacot.models.sampler import edit
-    from metacot.understanding import write_cots
+    from metacot.understanding import fit_to_budget, write_cots
 
     loaded = load_model(model_dir, device=device, dtype=torch.float32)
     model, include, source = loaded.model, loaded.options["include_instruction"], cot_source
@@ -200,8 +200,11 @@ def _eval_model(model_dir: str | Path, todo: Sequence[EvalSample], out: Path, ca
         if source == "oracle":
             cots = [s.cot_text for s in chunk]
         elif source == "model":
-            cots = [w.text for w in write_cots(loaded.und_vlm, loaded.und_processor, [s.source for s in chunk],
-                                               [s.instruction for s in chunk], max_new_tokens=max_cot_tokens)]
+            written = write_cots(loaded.und_vlm, loaded.und_processor, [s.source for s in chunk],
+                                 [s.instruction for s in chunk], max_new_tokens=max_cot_tokens)
+            # Too long for the condition budget: conditioned on (and recorded as) its longest fitting prefix.
+            cots = [fit_to_budget(model.processor, s.instruction, w.text, include_instruction=include)[0]
+                    for s, w in zip(chunk, written)]
         # An empty written CoT leaves the instruction alone (the row keeps the empty text it wrote).
         usable = [c if c and c.strip() else None for c in cots]
         prompts = [build_prompt(s.instruction, c, include_instruction=include or c is None)

@@ -11,9 +11,10 @@ frozen and the QwenImage MMDiT is tuned (LoRA or full) with GRPO on a stochastic
    that does not parse is counted (``cot_unparsed``, ``cot_unparsed_share`` in metrics.jsonl; ``eval_cot_unparsed``
    for the evaluation prompts), never replaced by the dataset's: the VLM judge reads its raw text, the rule judge
    gives it no score (the sample drops out of its group). ``oracle`` conditions on the dataset's Meta-CoT instead.
-   Every written CoT is appended to ``RUN/cots.jsonl``. SDE steps only inside this iteration's window (drawn from
-   the run seed and the iteration, shared by every rank and group), ODE elsewhere; rewards of each rollout batch are computed in worker threads while the
-   next batch samples (on-policy: training waits until the iteration's rewards are in).
+   A written CoT too long for the condition budget is cut to its longest fitting prefix (``cot_cut``). Every written
+   CoT is appended to ``RUN/cots.jsonl``. SDE steps only inside this iteration's window (drawn from the run seed
+   and the iteration, shared by every rank and group), ODE elsewhere; rewards of each rollout batch are computed in
+   worker threads while the next batch samples (on-policy: training waits until the iteration's rewards are in).
 2. ``advantages``: rewards gathered from all ranks, normalised per group (``metacot.flow_grpo.math``); a sample
    without a score drops out of its group; zero-spread groups are counted and carry no gradient.
 3. ``train_policy``: clipped-ratio GRPO loss on each window step's log-prob (``metacot.flow_grpo.sde``), optional KL
@@ -40,7 +41,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from metacot.cot import render
+from metacot.cot import parse_lenient, render
 from metacot.cot.schema import EditRecord, load_records
 from metacot.final import FROZEN, consolidate, write_final
 from metacot.flow_grpo.config import GRPOConfig
@@ -82,7 +83,7 @@ from metacot.training import (
     stop_if_requested,
     trainable_parameters,
 )
-from metacot.understanding import load_understanding, write_cots
+from metacot.understanding import fit_to_budget, load_understanding, write_cots
 from rewards.contract import (
     RewardBatch,
     WeightedReward,
@@ -106,6 +107,7 @@ class Prompt:
     # condition encoder and the VAE see.
     context: Image.Image | None = None
     written: bool = False  # cot / cot_text were written by the understanding expert (cached under greedy decoding)
+    cot_cut: bool = False  # the written CoT was cut to fit the condition budget (understanding.fit_to_budget)
 
     @property
     def conditioning_image(self) -> Image.Image:
@@ -198,7 +200,7 @@ def write_prompt_cots(state: GRPOState, prompts: list[Prompt], split: str) -> di
     """Let the frozen understanding expert write the Meta-CoT of ``prompts`` (one each, shared by its group).
 
     Greedy decoding is deterministic, so a prompt is written once and cached; with ``data.cot_sampling=sample``
-    it is rewritten on every call (once per iteration). Returns ``{cot_unparsed, cot_unparsed_share}`` over
+    it is rewritten on every call (once per iteration). Returns ``{cot_unparsed, cot_unparsed_share, cot_cut}`` over
     ``prompts`` summed over ranks ({} when the CoTs are not written); newly written CoTs go to ``RUN/cots.jsonl``.
     """
     from accelerate.utils import gather_object
@@ -209,24 +211,30 @@ def write_prompt_cots(state: GRPOState, prompts: list[Prompt], split: str) -> di
     sample = cfg.data.cot_sampling == "sample"
     todo = [p for p in prompts if sample or not p.written]
     vlm, processor = state.und
+    include = stage1_prompt_options(cfg.model)["include_instruction"]
     step = cfg.rollout.batch_size
     for start in range(0, len(todo), step):
         chunk = todo[start:start + step]
         written = write_cots(vlm, processor, [p.source for p in chunk], [p.record.instruction for p in chunk],
                              max_new_tokens=cfg.data.max_cot_tokens,
                              temperature=cfg.data.cot_temperature if sample else None,
-                             seed=(cfg.train.seed * 1_000_003 + state.iteration) * 1_009 + acc.process_index
-                             + start)
+                             seed=((cfg.train.seed * 1_000_003 + state.iteration) * 1_009 + acc.process_index)
+                             * 100_003 + start)
         for p, w in zip(chunk, written):
-            p.cot, p.cot_text, p.written = w.for_judge, w.text, True
+            # Over the condition budget: the generator (and so the judge) gets the longest prefix that fits.
+            text, p.cot_cut = fit_to_budget(state.base.processor, p.record.instruction, w.text,
+                                            include_instruction=include)
+            p.cot = (parse_lenient(text).cot or text) if p.cot_cut else w.for_judge
+            p.cot_text, p.written = text, True
     records = gather_object([{"iteration": state.iteration, "split": split, "id": p.record.id, "text": p.cot_text,
-                              "parsed": not isinstance(p.cot, str)} for p in todo])
+                              "parsed": not isinstance(p.cot, str), "cut": p.cot_cut} for p in todo])
     if acc.is_main_process and records:
         with open(state.run.root / "cots.jsonl", "a", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in records)
-    counts = acc.gather(torch.tensor([sum(isinstance(p.cot, str) for p in prompts), len(prompts)],
-                                     device=state.device).view(1, 2)).sum(0)
-    return {"cot_unparsed": int(counts[0]), "cot_unparsed_share": float(counts[0] / max(1, int(counts[1])))}
+    counts = acc.gather(torch.tensor([sum(isinstance(p.cot, str) for p in prompts), sum(p.cot_cut for p in prompts),
+                                      len(prompts)], device=state.device).view(1, 3)).sum(0)
+    return {"cot_unparsed": int(counts[0]), "cot_unparsed_share": float(counts[0] / max(1, int(counts[2]))),
+            "cot_cut": int(counts[1])}
 
 
 def build_rewards(cfg: GRPOConfig) -> WeightedReward:
