@@ -9,8 +9,11 @@ command is run again, so an interrupted quickstart resumes):
 4. ``calibration``: the rule-based CEC judge against SIMULATED annotators (derived from the ground truth by a
    pixel measurement, not from the judge), plus the vLLM judge when ``judge.url`` is set;
 5. ``grpo``: Stage 2 Flow-GRPO on early steps with the CEC rule reward (the calibration gate applies to VLM judges);
+   the SFT model's understanding expert writes each prompt's Meta-CoT (``cot_source``; ``oracle``: the dataset's);
 6. ``export``: the aligned checkpoint as plain diffusers + transformers folders, verified in a fresh process;
-7. ``eval``: before (SFT) vs after (GRPO) on the held-out test split against the copy and erase baselines;
+7. ``eval``: before (SFT) vs after (GRPO) on the held-out test split against the copy and erase baselines, each
+   model conditioned on the Meta-CoT its own understanding expert writes (``cot_source=oracle``: the dataset's; the
+   rows are then named "sft (oracle CoT)", "grpo (oracle CoT)");
 8. ``report``: ``OUT/report/index.html``.
 
 Launch: ``make quickstart`` (CPU, 32 px defaults, budget 15 minutes on 2 cores), ``metacot quickstart --device cuda``
@@ -61,12 +64,17 @@ class QuickstartConfig:
     eval_steps: int = 16
     eval_samples: int = 48  # test-split edits evaluated (before vs after)
     calibration_samples: int = 88  # demo samples labelled by simulated annotators (8 per degradation kind)
+    # Whose Meta-CoT conditions GRPO and eval: "model" (the method: the model's understanding expert writes it) or
+    # "oracle" (the dataset's; an upper bound). A tiny SFT VLM often writes CoTs that do not parse: GRPO counts them
+    # (cot_unparsed in grpo/metrics.jsonl) and the rule judge gives them no score, so such prompts teach nothing.
+    cot_source: str = "model"
     judge: QuickJudge = field(default_factory=QuickJudge)
 
     def __post_init__(self) -> None:
         check(self.device in {"cpu", "cuda"}, "device", "use cpu or cuda")
         check(self.resolution % 16 == 0, "resolution", "must be a multiple of 16")
         check(self.sft_steps > 0 and self.grpo_iterations > 0, "sft_steps / grpo_iterations", "must be > 0")
+        check(self.cot_source in {"model", "oracle"}, "cot_source", "use model or oracle")
 
 
 def _stage(name: str, done: bool, fn: Callable[[], Any], log: list[dict[str, Any]]) -> None:
@@ -92,7 +100,8 @@ def sft_overrides(q: QuickstartConfig, out: Path) -> list[str]:
 def grpo_overrides(q: QuickstartConfig, out: Path) -> list[str]:
     return [f"model={out / 'sft' / 'final'}", f"data.train={out / 'data' / 'train.jsonl'}",
             f"data.eval={out / 'data' / 'val.jsonl'}", f"output_dir={out / 'grpo'}",
-            f"data.resolution={q.resolution}", f"train.max_steps={q.grpo_iterations}", f"train.device={q.device}",
+            f"data.resolution={q.resolution}", f"data.cot_source={q.cot_source}",
+            f"train.max_steps={q.grpo_iterations}", f"train.device={q.device}",
             f"train.seed={q.seed}", f"rollout.group_size={q.grpo_group}",
             f"rollout.prompts_per_iteration={q.grpo_prompts}", f"rollout.batch_size={q.grpo_group * q.grpo_prompts}",
             f"rollout.num_steps={q.rollout_steps}", f"rollout.window_size={q.window_size}",
@@ -125,7 +134,7 @@ def calibrate_rule_judge(q: QuickstartConfig, out: Path) -> None:
 def run_quickstart(q: QuickstartConfig) -> Path:
     """Run every stage (module docstring) into ``q.out``; returns the report's path."""
     from data_recipes.synth import generate
-    from metacot.eval.runner import load_jsonl_suite, run_eval
+    from metacot.eval.runner import load_jsonl_suite, method_label, run_eval
     from metacot.export.exporter import export_run
     from metacot.flow_grpo.config import GRPOConfig
     from metacot.flow_grpo.trainer import train as grpo_train
@@ -162,12 +171,12 @@ def run_quickstart(q: QuickstartConfig) -> Path:
 
     def evaluate() -> None:
         samples = load_jsonl_suite(out / "data" / "test.jsonl")[: q.eval_samples]
-        for method, model in (("sft", out / "sft" / "final"), ("grpo", out / "export" / "pipeline")):
+        for method, model in (("sft", out / "sft" / "final"), ("grpo", out / "export")):
             run_eval(model, samples, out / "eval", num_steps=q.eval_steps, method=method, seed=q.seed,
-                     device=q.device)
+                     device=q.device, cot_source=q.cot_source)
 
-    _stage("eval", (out / "eval" / "results.json").is_file() and _has_methods(out / "eval", ("sft", "grpo")),
-           evaluate, log)
+    names = tuple(method_label(m, q.cot_source) for m in ("sft", "grpo"))
+    _stage("eval", (out / "eval" / "results.json").is_file() and _has_methods(out / "eval", names), evaluate, log)
     total = time.perf_counter() - t0
     (out / "timings.json").write_text(json.dumps({"stages": log, "total_seconds": round(total, 1)}, indent=2))
     report = write_report(out, q, log, total)

@@ -39,14 +39,14 @@ metacot export /runs/grpo --out /releases/metacot-qwen-image-edit
 metacot eval --model /releases/metacot-qwen-image-edit/pipeline --data /data/metacot/test.jsonl --out /runs/eval"""
 
 
-def _grid(out: Path, ids: list[str], size: int = 96) -> Path | None:
-    """report/grid.png: one row per test sample: source | SFT | GRPO | ground truth."""
+def _grid(out: Path, ids: list[str], names: tuple[str, str], size: int = 96) -> Path | None:
+    """report/grid.png: one row per test sample: source | SFT | GRPO | ground truth (``names``: the eval methods)."""
     data = {json.loads(x)["id"]: json.loads(x) for x in (out / "data" / "test.jsonl").read_text().splitlines()}
     rows = []
     for sid in ids:
         rec = data[sid]
-        cells = [out / "data" / rec["source_image"], out / "eval" / "images" / "sft" / f"{sid}.png",
-                 out / "eval" / "images" / "grpo" / f"{sid}.png", out / "data" / rec["target_image"]]
+        cells = [out / "data" / rec["source_image"], out / "eval" / "images" / names[0] / f"{sid}.png",
+                 out / "eval" / "images" / names[1] / f"{sid}.png", out / "data" / rec["target_image"]]
         if all(c.is_file() for c in cells):
             rows.append((rec["instruction"], cells))
     if not rows:
@@ -71,8 +71,8 @@ def _fmt(value: Any) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
-def _table(results: dict[str, Any], measure: str) -> str:
-    methods = [m for m in ("copy", "erase", "sft", "grpo") if m in results["methods"]]
+def _table(results: dict[str, Any], measure: str, names: tuple[str, str]) -> str:
+    methods = [m for m in ("copy", "erase", *names) if m in results["methods"]]
     tasks = sorted({t for m in methods for t in results["methods"][m]["meta_task"]})
     head = "".join(f"<th>{m}</th>" for m in methods)
     body = []
@@ -111,6 +111,27 @@ def _verdict(sft: dict[str, Any], grpo: dict[str, Any], results: dict[str, Any])
             f"grid below before trusting any number: at tiny scale the edits may not be recognisable yet.")
 
 
+def _cot_note(out: Path, q: Any, grpo_rows: list[dict[str, Any]], names: tuple[str, str]) -> str:
+    """Which Meta-CoT the GRPO rollouts and each eval table used, and how many written ones did not parse."""
+    from metacot.cot import parse_lenient
+
+    if q.cot_source == "oracle":
+        return ("<p class=warn>Every number below used the <b>dataset's (oracle) Meta-CoT</b> (cot_source=oracle), "
+                "not the one the model writes itself: an upper bound a deployed model never has.</p>")
+    shares = [r["cot_unparsed_share"] for r in grpo_rows if "cot_unparsed_share" in r]
+    rows = [json.loads(x) for x in (out / "eval" / "samples.jsonl").read_text().splitlines() if x.strip()]
+    evals = []
+    for name in names:
+        texts = [r.get("cot_text") for r in rows if r["method"] == name]
+        bad = sum(t is None or parse_lenient(t).cot is None for t in texts)
+        evals.append(f"{name}: {bad} of {len(texts)} did not parse")
+    grpo = f"{sum(shares) / len(shares):.0%} of rollout prompts on average" if shares else "not recorded"
+    return (f"<p>Meta-CoT: each model's <b>own understanding expert wrote it</b> (cot_source=model), in the GRPO "
+            f"rollouts (unparsable: {grpo}; the rule judge gives those no score) and in both eval tables "
+            f"({html.escape('; '.join(evals))}). A written CoT that does not parse still conditions the generator "
+            f"as written.</p>")
+
+
 def write_report(out: Path, q: Any, stages: list[dict[str, Any]], total_s: float) -> Path:
     """Write ``OUT/report/index.html`` (and its images) from the stage folders; returns its path."""
     rep = out / "report"
@@ -120,9 +141,12 @@ def write_report(out: Path, q: Any, stages: list[dict[str, Any]], total_s: float
     vae = json.loads((out / "models" / "pipeline" / "vae_report.json").read_text())
     grpo_rows = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in grpo_rows if "eval_reward" in r]
-    sft_o, grpo_o = results["methods"]["sft"]["overall"], results["methods"]["grpo"]["overall"]
+    from metacot.eval.runner import method_label
+
+    names = (method_label("sft", q.cot_source), method_label("grpo", q.cot_source))
+    sft_o, grpo_o = results["methods"][names[0]]["overall"], results["methods"][names[1]]["overall"]
     first_ids = [json.loads(x)["id"] for x in (out / "eval" / "samples.jsonl").read_text().splitlines()
-                 if json.loads(x)["method"] == "grpo"][:8]
+                 if json.loads(x)["method"] == names[1]][:8]
     timing = "".join(f"<tr><td>{s['stage']}</td><td>{s['seconds']:.0f} s{' (reused)' if s['reused'] else ''}</td>"
                      f"</tr>" for s in stages)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>metacot quickstart report</title>
@@ -134,7 +158,7 @@ overflow-x:auto;font-size:85%}} .warn{{background:#fff4e0;padding:8px;border-lef
 <body><h1>metacot quickstart</h1>
 <p>Tiny models on {html.escape(q.device)} at {q.resolution} px, seed {q.seed}: {q.samples} synthetic edits, SFT
 {q.sft_steps} steps, Flow-GRPO {q.grpo_iterations} iterations (window of {q.window_size} within the first
-{q.window_max} of {q.rollout_steps} steps), evaluated on {results['methods']['grpo']['n']} held-out test edits.
+{q.window_max} of {q.rollout_steps} steps), evaluated on {results['methods'][names[1]]['n']} held-out test edits.
 Total {total_s / 60:.1f} min.</p>
 <h2>Before vs after (held-out test split, ground truth)</h2>
 <p>Changed-pixel agreement: SFT {_fmt(sft_o['sim_changed'])} → GRPO {_fmt(grpo_o['sim_changed'])}; kept pixels
@@ -142,9 +166,10 @@ Total {total_s / 60:.1f} min.</p>
 Baselines: copy {_fmt(results['methods']['copy']['overall']['sim_changed'])}, erase
 {_fmt(results['methods']['erase']['overall']['sim_changed'])} (changed pixels).</p>
 <p><b>{html.escape(_verdict(sft_o, grpo_o, results))}</b></p>
-{_table(results, 'sim_changed')}
-{_table(results, 'sim_kept')}
-<h3>Same test prompts: source | SFT | GRPO | ground truth</h3>{_img(_grid(out, first_ids), out, 'grid')}
+{_cot_note(out, q, grpo_rows, names)}
+{_table(results, 'sim_changed', names)}
+{_table(results, 'sim_kept', names)}
+<h3>Same test prompts: source | SFT | GRPO | ground truth</h3>{_img(_grid(out, first_ids, names), out, 'grid')}
 <h2>Stage 1 SFT: losses</h2>{_img(out / 'sft' / 'report' / 'loss.png', out, 'SFT loss curves')}
 <h2>Stage 2 Flow-GRPO: training reward beside the held-out measure</h2>
 <p class=note>reward_mean is the CEC rule judge on rollouts (what RL optimises); eval_reward and eval_target_similarity

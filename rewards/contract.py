@@ -31,7 +31,8 @@ class RewardBatch:
         source_images: the unedited inputs, PIL RGB.
         edited_images: the model's outputs, PIL RGB, same length.
         instructions: the editing instructions.
-        cots: the Meta-CoT records the edits were conditioned on (None where a sample has none).
+        cots: the Meta-CoTs the edits were conditioned on: a ``MetaCoT``, the raw text of a model-written CoT that
+            did not parse (judges that need a parsed CoT return None for it), or None where a sample has none.
         extras: further per-sample columns by name (e.g. ``ids``, ``categories``, ``target_images``,
             ``scene_before``, ``scene_after``); each a list of the batch's length.
     """
@@ -39,7 +40,7 @@ class RewardBatch:
     source_images: Sequence["Image.Image"]
     edited_images: Sequence["Image.Image"]
     instructions: Sequence[str]
-    cots: Sequence["MetaCoT | None"]
+    cots: Sequence["MetaCoT | str | None"]
     extras: dict[str, Sequence[Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -47,8 +47,11 @@ How it scores one sample:
    scores 0 on any real edit (no progress), a blank canvas scores 0 whenever an object should remain, a correct
    edit that wrecks the rest scores low, the ground-truth target scores 10.
 
-``judge.stats`` counts scored samples, ``none_no_scene`` (samples without scene descriptions: the only case that
-returns None), ``no_cot_used_scenes``, ``unmatched_entries``, ``unmentioned_objects`` and ``unexpected_objects``.
+``judge.stats`` counts scored samples, ``none_no_scene`` (samples without scene descriptions: returns None),
+``none_unparsed_cot`` (the sample's CoT is text, a model-written Meta-CoT that did not parse: there is no plan to
+check the edit against, and reading the plan off the scenes would judge against the dataset's reasoning instead of
+the one the generator followed, so it returns None), ``no_cot_used_scenes``, ``unmatched_entries``,
+``unmentioned_objects`` and ``unexpected_objects``.
 Cost on one CPU core: about 4 ms per sample at 32 px, 8 ms at 64 px (more for noise images, whose colours
 scatter: the connected components are a pure-Python search, so this is meant for the recipe's small renders).
 
@@ -377,14 +380,16 @@ def _traversal_from_scenes(before: dict[str, Any], after: dict[str, Any]) -> lis
 class CECRuleJudge:
     """Rule-based CEC reward on synthetic scenes, scale (0, 10); the formula is in the module docstring.
 
-    Needs ``extras["scene_before"]`` and ``extras["scene_after"]``; returns None only for samples whose scenes are
-    None (counted in ``stats["none_no_scene"]``). Deterministic: no randomness anywhere.
+    Needs ``extras["scene_before"]`` and ``extras["scene_after"]``; returns None for samples whose scenes are None
+    (``stats["none_no_scene"]``) and for samples whose CoT is unparsed text (``stats["none_unparsed_cot"]``).
+    Deterministic: no randomness anywhere.
     """
 
     scale = (0.0, 10.0)
 
     def __init__(self) -> None:
-        self.stats: dict[str, int] = {k: 0 for k in ("scored", "none_no_scene", "no_cot_used_scenes",
+        self.stats: dict[str, int] = {k: 0 for k in ("scored", "none_no_scene", "none_unparsed_cot",
+                                                     "no_cot_used_scenes",
                                                      "unmatched_entries", "unmentioned_objects",
                                                      "unexpected_objects")}
 
@@ -398,6 +403,10 @@ class CECRuleJudge:
             before, after = batch.extras["scene_before"][i], batch.extras["scene_after"][i]
             if before is None or after is None:
                 self.stats["none_no_scene"] += 1
+                scores.append(None)
+                continue
+            if isinstance(batch.cots[i], str):
+                self.stats["none_unparsed_cot"] += 1
                 scores.append(None)
                 continue
             scores.append(self.score_sample(batch.edited_images[i], before, after, batch.cots[i])["score"])

@@ -5,7 +5,8 @@ size 1 on the tiny models (``tiny_models``) and the tiny synthetic dataset (``ti
 
 - ``tiny_sft_run``: 2 steps, batch 4, both experts LoRA (so exports have two adapters to merge or keep),
   checkpoints at steps 1 and 2 kept, ``final/`` = step 2.
-- ``tiny_grpo_run``: 2 iterations from ``tiny_sft_run/final``, groups of 2, 2 denoising steps, rule-based CEC reward
+- ``tiny_grpo_run``: 2 iterations from ``tiny_sft_run/final`` on the dataset's (oracle) Meta-CoT, groups of 2,
+  2 denoising steps, rule-based CEC reward
   plus brightness (the CEC rule scores random tiny edits all alike, and groups without spread teach nothing: the
   brightness term makes the LoRA actually move), checkpoints at iterations 1 and 2, ``final/``, ``gate.json``,
   ``report/reward.png``.
@@ -27,7 +28,10 @@ SFT_FAST = RUN_FAST + ["batch_size=4", "micro_batch_size=2", "data.understanding
 GRPO_FAST = RUN_FAST + ["rollout.group_size=2", "rollout.prompts_per_iteration=2", "rollout.batch_size=4",
                         "rollout.num_steps=2", "rollout.window_size=1", "rollout.window_max=1", "rollout.cfg_scale=1.0",
                         "policy.micro_batch_size=2", "policy.updates_per_epoch=1", "eval.every=0", "eval.prompts=2",
-                        "eval.num_steps=2", "rewards.brightness.weight=1.0"]
+                        "eval.num_steps=2", "rewards.brightness.weight=1.0",
+                        # The GRPO mechanics on the dataset's CoT: a 2-step SFT VLM writes unparsable CoTs, which the
+                        # rule judge leaves unscored (tests/test_model_cot.py covers cot_source=model).
+                        "data.cot_source=oracle"]
 
 
 def sft_config(models_pipeline: Path, data: Path, out: Path, *extra: str):

@@ -19,7 +19,8 @@ from rewards.simple import brightness
 SMALL = ["train.wandb_mode=disabled", "train.progress=false", "train.save_every=0", "rollout.group_size=4",
          "rollout.prompts_per_iteration=2", "rollout.batch_size=8", "rollout.num_steps=4", "rollout.window_size=2",
          "rollout.window_max=2", "policy.micro_batch_size=8", "policy.updates_per_epoch=1", "eval.every=0",
-         "eval.prompts=4", "eval.num_steps=4", "rollout.cfg_scale=1.0"]
+         "eval.prompts=4", "eval.num_steps=4", "rollout.cfg_scale=1.0",
+         "data.cot_source=oracle"]  # the mechanics; the model-written CoT is tests/test_model_cot.py's
 
 
 def grpo_cfg(sft_run: Path, data: Path, out: Path, *extra: str) -> GRPOConfig:

@@ -54,6 +54,11 @@ def test_reduced_quickstart(tiny_models, session_dir: Path, tmp_path: Path) -> N
     for src in images:
         assert (report.parent / src).is_file(), src
     assert "simulated annotators" in page and "Reproduce at real scale" in page
+    # GRPO and eval used each model's own Meta-CoT (cot_source: model), and the report says so.
+    assert "own understanding expert wrote it" in page and "(cot_source=model)" in page
+    assert "cot_unparsed" in json.loads((out / "grpo" / "metrics.jsonl").read_text().splitlines()[-1])
+    rows = [json.loads(x) for x in (out / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert {r["cot_source"] for r in rows if r["method"] in ("sft", "grpo")} == {"model"}
     env_clean = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out / "export" / "pipeline")],
                                capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert env_clean.returncode == 0, env_clean.stderr[-2000:]

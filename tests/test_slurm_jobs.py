@@ -241,7 +241,8 @@ def test_two_node_sft_meets_at_the_first_node(slurm_2n: LocalCluster, tiny_model
 GRPO_FAST = ["train.wandb_mode=disabled", "train.progress=false", "train.max_steps=2", "train.save_every=1",
              "rollout.group_size=2", "rollout.prompts_per_iteration=2", "rollout.batch_size=4", "rollout.num_steps=2",
              "rollout.window_size=1", "rollout.window_max=1", "rollout.cfg_scale=1.0", "policy.micro_batch_size=2",
-             "policy.updates_per_epoch=1", "eval.every=0", "eval.prompts=2", "eval.num_steps=2"]
+             "policy.updates_per_epoch=1", "eval.every=0", "eval.prompts=2", "eval.num_steps=2",
+             "data.cot_source=oracle"]
 
 
 def test_chain_sft_then_grpo_then_export(slurm: LocalCluster, tiny_models, tiny_dataset: Path, tmp_path: Path,

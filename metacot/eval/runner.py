@@ -7,7 +7,13 @@ than* the training reward's (the reward itself is never the headline: it is what
 hacking). Results are
 appended to ``OUT/samples.jsonl`` as each batch finishes, so an interrupted evaluation resumes where it stopped;
 ``OUT/results.json`` and ``OUT/table.md`` hold the aggregates per meta-task and per category (with 95 % bootstrap
-intervals for the paper's columns).
+intervals for the paper's columns). Each model row holds ``cot_source`` and ``cot_text``: the
+Meta-CoT the generator was conditioned on.
+
+Whose Meta-CoT (``cot_source``): ``model`` (the default, the method) lets the model's own understanding expert
+(:func:`metacot.understanding.load_understanding`) write it greedily from (source, instruction); ``oracle`` uses the
+dataset's, an upper bound the deployed model never has, so those rows are named ``"<method> (oracle CoT)"``. A model
+trained without CoT (``no_cot`` in its ``metacot.json``) writes none (``cot_source`` ``none``).
 
 Suites plug in by name: :data:`SUITES` maps a name to a loader ``(path, split) -> list[EvalSample]``; ``jsonl`` reads
 metacot's own records. Public benchmarks (GEdit-Bench, ImgEdit, RISEBench) are left for their own loaders.
@@ -34,6 +40,13 @@ from metacot.models.conditioning import build_prompt
 MEASURES = ("sim", "sim_changed", "sim_kept", "psnr")
 # Measures that get 95 % bootstrap intervals (0/1 or [0, 1] per sample; see metacot.eval.scene_metrics).
 CI_MEASURES = (*SCENE_MEASURES, *COT_MEASURES)
+COT_SOURCES = ("model", "oracle")
+
+
+def method_label(method: str, cot_source: str) -> str:
+    """The name of a model's rows: ``method``, or ``"<method> (oracle CoT)"`` when conditioned on the dataset's
+    Meta-CoT, so results.json, table.md and reports never pass an oracle number off as the model's own."""
+    return f"{method} (oracle CoT)" if cot_source == "oracle" else method
 
 
 @dataclass
@@ -94,17 +107,20 @@ def _append(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 def _score_rows(method: str, samples: Sequence[EvalSample], images: Sequence[Image.Image],
                 judge: Callable | None, image_dir: Path, cots: Sequence[str | None] | None = None
                 ) -> list[dict[str, Any]]:
-    """One result row per sample. ``cots``: the Meta-CoT text each image was conditioned on, when the model wrote
-    it (None entries: it wrote none); scored against the record's CoT as ``cot_*`` and kept as ``cot_text``."""
+    """Save the images and score them; ``cots``: the Meta-CoT texts the generator was conditioned on (row field
+    ``cot_text``; None for baselines), which the judge then checks the edit against (else the records' CoT)."""
+    from metacot.cot import parse_lenient
+
     rows = []
     judge_scores: list[float | None] = [None] * len(samples)
     if judge is not None:
         from rewards.contract import RewardBatch
 
         recs = [s.record for s in samples]
+        judge_cots = [getattr(r, "cot", None) for r in recs] if cots is None else \
+            [None if c is None else (parse_lenient(c).cot or c) for c in cots]
         judge_scores = judge(RewardBatch(
-            [s.source for s in samples], list(images), [s.instruction for s in samples],
-            [getattr(r, "cot", None) for r in recs],
+            [s.source for s in samples], list(images), [s.instruction for s in samples], judge_cots,
             extras={"ids": [s.id for s in samples], "target_images": [s.target for s in samples],
                     "scene_before": [getattr(r, "scene_before", None) for r in recs],
                     "scene_after": [getattr(r, "scene_after", None) for r in recs]}))
@@ -119,28 +135,37 @@ def _score_rows(method: str, samples: Sequence[EvalSample], images: Sequence[Ima
                                               whole_view=MetaTask.CAMERA_MOTION.value in s.meta_tasks)
         if cots is not None:
             truth = getattr(s.record, "cot", None)
-            scores |= {"cot_text": cots[k], **(cot_accuracy(cots[k], truth) if truth is not None else {})}
+            scores |= cot_accuracy(cots[k], truth) if truth is not None else {}
         rows.append({"id": s.id, "method": method, "meta_tasks": list(s.meta_tasks), "category": s.category,
-                     "image": str(path.relative_to(image_dir.parent)), **scores, "judge": js})
+                     "image": str(path.relative_to(image_dir.parent)), **scores, "judge": js,
+                     "cot_text": None if cots is None else cots[k]})
     return rows
 
 
 def run_eval(model_dir: str | Path | None, samples: Sequence[EvalSample], out: str | Path, *, num_steps: int = 20,
              cfg_scale: float = 1.0, batch_size: int = 16, seed: int = 0, no_cot: bool = False,
-             cot_source: str = "data", judge: Callable | None = None, method: str = "model",
-             device: str = "cpu") -> dict[str, Any]:
+             cot_source: str = "model", judge: Callable | None = None, method: str = "model",
+             device: str = "cpu", max_cot_tokens: int = 384) -> dict[str, Any]:
     """Evaluate ``model_dir`` (a pipeline folder: export or ``final/``) and the baselines on ``samples``.
 
     Args:
         model_dir: None evaluates the baselines only.
-        cot_source: "data" uses the records' Meta-CoT; "model" lets the model's understanding expert write it.
+        cot_source: "model" lets the model's understanding expert write the Meta-CoT; "oracle" uses the records'
+            (the rows are then named ``"<method> (oracle CoT)"``, see :func:`method_label`).
         judge: a reward-contract callable scored on every output (configure it with a prompt different from the
             training reward's).
         method: the name of the model's rows (e.g. "sft", "grpo") so several models can share one output folder.
+        max_cot_tokens: generation budget of a written Meta-CoT.
+
+    Raises:
+        ValueError: ``cot_source`` is neither model nor oracle.
 
     Returns:
         The aggregate results (also written to ``OUT/results.json`` and ``OUT/table.md``).
     """
+    if cot_source not in COT_SOURCES:
+        raise ValueError(f"cot_source={cot_source!r}: use model (the model writes its Meta-CoT) or oracle (the "
+                         f"dataset's)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "samples.jsonl"
@@ -151,12 +176,19 @@ def run_eval(model_dir: str | Path | None, samples: Sequence[EvalSample], out: s
             chunk = todo[i:i + batch_size]
             images = [baseline_image(name, s.source, s.target, scene_before=getattr(s.record, "scene_before", None),
                                      scene_after=getattr(s.record, "scene_after", None)) for s in chunk]
-            _append(cache, _score_rows(name, chunk, images, judge, out / "images"))
+            _append(cache, [{**row, "cot_source": None} for row in _score_rows(name, chunk, images, judge,
+                                                                             out / "images")])
     if model_dir is not None:
+        from metacot.export.card import prompt_options
+        from metacot.understanding import describe_model_folder
+
+        no_cot = no_cot or prompt_options(describe_model_folder(model_dir).meta)["no_cot"]  # no-CoT models write none
+        method = method if no_cot else method_label(method, cot_source)
         todo = [s for s in samples if (s.id, method) not in done]
         if todo:
             _eval_model(model_dir, todo, out, cache, num_steps=num_steps, cfg_scale=cfg_scale, batch_size=batch_size,
-                        seed=seed, no_cot=no_cot, cot_source=cot_source, judge=judge, method=method, device=device)
+                        seed=seed, cot_source="none" if no_cot else cot_source, judge=judge, method=method,
+                        device=device, max_cot_tokens=max_cot_tokens)
     results = aggregate([json.loads(line) for line in cache.read_text().splitlines() if line.strip()])
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "table.md").write_text(format_table(results) + "\n" + format_paper_table(results))
@@ -164,28 +196,37 @@ def run_eval(model_dir: str | Path | None, samples: Sequence[EvalSample], out: s
 
 
 def _eval_model(model_dir: str | Path, todo: Sequence[EvalSample], out: Path, cache: Path, *, num_steps: int,
-                cfg_scale: float, batch_size: int, seed: int, no_cot: bool, cot_source: str, judge: Callable | None,
-                method: str, device: str) -> None:
+                cfg_scale: float, batch_size: int, seed: int, cot_source: str, judge: Callable | None,
+                method: str, device: str, max_cot_tokens: int) -> None:
     from tqdm.auto import tqdm
 
-    from metacot.models.loading import load_editing_model
+    from metacot.export.edit import load_model
     from metacot.models.sampler import edit
-    from metacot.understanding import write_cots
+    from metacot.understanding import fit_to_budget, write_cots
 
-    model = load_editing_model(model_dir, device=device, dtype=torch.float32)
-    area = trained_source_area(model_dir)
+    loaded = load_model(model_dir, device=device, dtype=torch.float32)
+    model, include, source = loaded.model, loaded.options["include_instruction"], cot_source
     size = todo[0].source.size
     for i in tqdm(range(0, len(todo), batch_size), desc=f"eval {method}", dynamic_ncols=True):
         chunk = todo[i:i + batch_size]
-        cots: list[str | None] = [s.cot_text for s in chunk]
-        if not no_cot and cot_source == "model":
-            cots = [w.text or None for w in write_cots(model.vlm, model.processor, [s.source for s in chunk],
-                                                       [s.instruction for s in chunk])]
-        prompts = [build_prompt(s.instruction, None if no_cot else c) for s, c in zip(chunk, cots)]
+        cots: list[str | None] = [None] * len(chunk)
+        if source == "oracle":
+            cots = [s.cot_text for s in chunk]
+        elif source == "model":
+            written = write_cots(loaded.und_vlm, loaded.und_processor, [s.source for s in chunk],
+                                 [s.instruction for s in chunk], max_new_tokens=max_cot_tokens)
+            # Too long for the condition budget: conditioned on (and recorded as) its longest fitting prefix.
+            cots = [fit_to_budget(model.processor, s.instruction, w.text, include_instruction=include)[0]
+                    for s, w in zip(chunk, written)]
+        # An empty written CoT leaves the instruction alone (the row keeps the empty text it wrote).
+        usable = [c if c and c.strip() else None for c in cots]
+        prompts = [build_prompt(s.instruction, c, include_instruction=include or c is None)
+                   for s, c in zip(chunk, usable)]
         gens = [torch.Generator().manual_seed(seed * 1_000_003 + i + k) for k in range(len(chunk))]
         images = edit(model, [s.source for s in chunk], prompts, height=size[1], width=size[0], num_steps=num_steps,
-                      cfg_scale=cfg_scale, generator=gens, source_area=area)
-        _append(cache, _score_rows(method, chunk, images, judge, out / "images"))
+                      cfg_scale=cfg_scale, generator=gens, source_area=loaded.source_area)
+        rows = _score_rows(method, chunk, images, judge, out / "images", cots=cots)
+        _append(cache, [{**row, "cot_source": source} for row in rows])
 
 
 def trained_source_area(model_dir: str | Path) -> int:

@@ -36,11 +36,11 @@ EXAMPLE_COT = MetaCoT(
 def prompt_options(final_meta: dict[str, Any]) -> dict[str, bool]:
     """How the exported generator was conditioned: ``no_cot`` and ``include_instruction`` of ``build_prompt``.
 
-    SFT records both; the Flow-GRPO trainer always conditions on instruction + Meta-CoT.
+    SFT records both; a Flow-GRPO final records its Stage 1's (it conditions the generator the same way). A plain
+    pipeline folder (``{}``) gets the defaults: instruction + Meta-CoT.
     """
-    if final_meta["stage"] == "sft":
-        return {"no_cot": bool(final_meta["no_cot"]), "include_instruction": bool(final_meta["include_instruction"])}
-    return {"no_cot": False, "include_instruction": True}
+    return {"no_cot": bool(final_meta.get("no_cot", False)),
+            "include_instruction": bool(final_meta.get("include_instruction", True))}
 
 
 def source_area(final_meta: dict[str, Any]) -> int:

@@ -6,8 +6,10 @@ Examples::
     metacot edit --model runs/sft/final --image in.png --instruction "..." --cot-only   # reasoning only
     metacot edit --model exports/sft --image in.png --instruction "..." --no-cot      # the no-CoT baseline's input
 
-``--model`` is an export (``DIR/pipeline`` + ``DIR/understanding``, adapters applied when kept) or a run's ``final/``.
-The CoT comes from :func:`metacot.understanding.write_cots` (greedy, the chat the expert was trained on), the prompt
+``--model`` is an export (``DIR/pipeline`` + ``DIR/understanding``, adapters applied when kept), a run's ``final/``
+or a plain pipeline folder. The understanding expert is loaded by :func:`metacot.understanding.load_understanding`
+(the trained one, also where it is not the text encoder); the CoT comes from :func:`metacot.understanding.write_cots`
+(greedy, the chat the expert was trained on), the prompt
 from :func:`metacot.models.conditioning.build_prompt` with the options the model was trained with, and the edit from
 metacot's own sampler (:func:`metacot.models.sampler.edit`) at the source's size: no resize to one megapixel unless the
 source is larger than that (or ``--size`` sets the longer side). Runs on the GPU in bf16 when there is one, else on
@@ -19,7 +21,6 @@ Left out: batches of images (call :func:`edit_image` in a loop), sampling of the
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -41,72 +42,39 @@ class LoadedModel:
     und_vlm: Any
     und_processor: Any
     options: dict[str, bool]  # no_cot, include_instruction (metacot.export.card.prompt_options)
-    kind: str  # "export" or "final"
+    kind: str  # "export", "final" or "pipeline" (metacot.understanding.describe_model_folder)
     source_area: int = 0  # pixel area of the source latents in training (metacot.export.card.source_area)
 
 
-def _describe(folder: Path) -> tuple[Path, Path, dict[str, Any], dict[str, dict[str, Any]], bool, str]:
-    """(pipeline dir, understanding dir, final/ facts, adapters, understanding shares text encoder files, kind)."""
-    meta_path = folder / "metacot.json"
-    if (folder / "pipeline" / "model_index.json").is_file() and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != "metacot-export":
-            raise EditError(f"{meta_path} is not a metacot export's metacot.json (no format: metacot-export)")
-        layout = meta["layout"]
-        shares = layout["understanding"]["same_weights_as"] == "pipeline/text_encoder"
-        return folder / "pipeline", folder / "understanding", meta["final_meta"], layout["adapters"], shares, "export"
-    if (folder / "model_index.json").is_file() and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        und = meta["understanding"]
-        return folder, folder / und["path"], meta, {}, bool(und["is_text_encoder"]), "final"
-    hint = f" (a run folder? pass {folder / 'final'})" if (folder / "final").is_dir() else ""
-    raise EditError(f"{folder} is neither a metacot export (pipeline/ + metacot.json) nor a run's final/ "
-                    f"(model_index.json + metacot.json){hint}")
-
-
-def _with_adapters(module: Any, folder: Path, adapters: list[dict[str, Any]]) -> Any:
-    for adapter in adapters:
-        from peft import PeftModel
-
-        module = PeftModel.from_pretrained(module, folder / adapter["path"]).merge_and_unload()
-    return module
-
-
 def load_model(folder: str | Path, device: Any = None, dtype: Any = None) -> LoadedModel:
-    """Load an export or a ``final/`` for editing (kept adapters merged on load).
+    """Load an export, a ``final/`` or a plain pipeline folder for editing (kept adapters merged on load).
+
+    The understanding expert comes from :func:`metacot.understanding.load_understanding`, the one loader every
+    path shares (also ``final/understanding/`` when the tuned expert is not the text encoder).
 
     Args:
-        folder: the export folder or the run's ``final/``.
+        folder: the export folder (or its ``pipeline/``), the run's ``final/``, or a pipeline folder.
         device: torch device; default: cuda when available, else cpu.
         dtype: weight dtype; default: bf16 on cuda, fp32 on cpu.
 
     Raises:
-        EditError: the folder is neither an export nor a ``final/``.
+        metacot.models.loading.ModelFolderError: the folder is none of these.
     """
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from metacot.export.card import prompt_options, source_area
     from metacot.models.loading import load_editing_model
+    from metacot.understanding import describe_model_folder, load_understanding, merge_adapters
 
-    folder = Path(folder)
-    pipeline, und_dir, final_meta, adapters, shares, kind = _describe(folder)
+    desc = describe_model_folder(folder)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = load_editing_model(pipeline, device=device, dtype=dtype)
-
-    def on(target: str) -> list[dict[str, Any]]:
-        return [a for a in adapters.values() if target in a["apply_to"]]
-
-    model.vlm = _with_adapters(model.vlm, folder, on("pipeline/text_encoder")).eval()
-    model.transformer = _with_adapters(model.transformer, folder, on("pipeline/transformer")).eval()
-    if shares and on("understanding") == on("pipeline/text_encoder"):
-        und_vlm, und_processor = model.vlm, model.processor  # one copy in memory: the same weights
-    else:
-        und_vlm = AutoModelForImageTextToText.from_pretrained(und_dir, dtype=dtype)
-        und_vlm = _with_adapters(und_vlm, folder, on("understanding")).to(device).eval()
-        und_processor = AutoProcessor.from_pretrained(und_dir)
-    return LoadedModel(model, und_vlm, und_processor, prompt_options(final_meta), kind, source_area(final_meta))
+    model = load_editing_model(desc.pipeline, device=device, dtype=dtype)
+    model.vlm = merge_adapters(model.vlm, desc.root, desc.adapters_on("pipeline/text_encoder")).eval()
+    model.transformer = merge_adapters(model.transformer, desc.root, desc.adapters_on("pipeline/transformer")).eval()
+    und_vlm, und_processor = load_understanding(folder, device=device, dtype=dtype,
+                                                text_encoder=(model.vlm, model.processor))
+    return LoadedModel(model, und_vlm, und_processor, prompt_options(desc.meta), desc.kind, source_area(desc.meta))
 
 
 def edit_size(width: int, height: int, size: int | None, multiple: int) -> tuple[int, int]:

@@ -6,6 +6,7 @@ Presets: ``metacot/configs/grpo_tiny.yaml`` (CPU) and ``grpo_qwen_image_edit.yam
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -26,7 +27,13 @@ class GRPOData:
     # 1048576 = the stock QwenImageEditPipeline (about one megapixel whatever the output size; the real-weights
     # presets use it). Stage 2 must use Stage 1's value (recorded in final/metacot.json).
     source_area: int = 0
-    cot_source: str = "data"  # "data": the record's Meta-CoT; "model": the frozen understanding expert writes it
+    # Whose Meta-CoT conditions the generator and is what the CEC reward checks the edit against:
+    # "model" (the method): the frozen understanding expert of `model` writes one CoT per prompt from (source,
+    # instruction), shared by the prompt's whole group; "oracle": the record's own (annotated) Meta-CoT, an upper
+    # bound that the deployed model never has. "data" is the old name of "oracle" (accepted, with a warning).
+    cot_source: str = "model"
+    cot_sampling: str = "greedy"  # "greedy": written once per prompt and reused; "sample": rewritten every iteration
+    cot_temperature: float = 1.0  # sampling temperature of the CoT when cot_sampling=sample
     max_cot_tokens: int = 384  # generation budget when cot_source=model
 
 
@@ -124,7 +131,15 @@ class GRPOConfig:
         check(p.inner_epochs >= 1 and p.updates_per_epoch >= 1, "policy", "inner_epochs, updates_per_epoch >= 1")
         check(0 <= p.ema_decay < 1, "policy.ema_decay", "must be in [0, 1)")
         check(p.kl_beta >= 0, "policy.kl_beta", "must be >= 0")
-        check(self.data.cot_source in {"data", "model"}, "data.cot_source", "use data or model")
+        if self.data.cot_source == "data":
+            warnings.warn("data.cot_source=data is deprecated: it is now called oracle (the dataset's Meta-CoT); "
+                          "running with data.cot_source=oracle", FutureWarning, stacklevel=2)
+            self.data.cot_source = "oracle"
+        check(self.data.cot_source in {"model", "oracle"}, "data.cot_source",
+              "use model (the understanding expert writes the CoT) or oracle (the dataset's CoT)")
+        check(self.data.cot_sampling in {"greedy", "sample"}, "data.cot_sampling", "use greedy or sample")
+        check(self.data.cot_temperature > 0, "data.cot_temperature", "must be > 0 (use cot_sampling=greedy for 0)")
+        check(self.data.max_cot_tokens >= 1, "data.max_cot_tokens", "must be >= 1")
         check(self.data.resolution % 16 == 0, "data.resolution", "must be a multiple of 16")
         check(self.judge.mode in {"parse", "choice", "logprobs"}, "judge.mode", "use parse, choice or logprobs")
         if not self.rewards:

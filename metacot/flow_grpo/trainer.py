@@ -3,10 +3,18 @@
 Starting from a Stage 1 ``final/`` folder, the understanding side (the VLM: CoT writer and condition encoder) is
 frozen and the QwenImage MMDiT is tuned (LoRA or full) with GRPO on a stochastic version of the flow sampler:
 
-1. ``rollout``: per prompt (source image + instruction + Meta-CoT from the data or written by the frozen expert),
-   ``G`` samples; SDE steps only inside this iteration's window (drawn from the run seed and the iteration, shared
-   by every rank and group), ODE elsewhere; rewards of each rollout batch are computed in worker threads while the
-   next batch samples (on-policy: training waits until the iteration's rewards are in).
+1. ``rollout``: per prompt (source image + instruction + Meta-CoT), ``G`` samples. With ``data.cot_source=model``
+   (the default: the method) the frozen understanding expert of the Stage 1 model writes ONE Meta-CoT per prompt,
+   shared by the prompt's whole group: greedy, once per prompt and cached (``data.cot_sampling=sample``: rewritten
+   every iteration); the fixed evaluation prompts get theirs at setup. The generator is conditioned on the raw
+   written text (what a user's model does) and the CEC reward checks the edit against that same CoT; a written CoT
+   that does not parse is counted (``cot_unparsed``, ``cot_unparsed_share`` in metrics.jsonl; ``eval_cot_unparsed``
+   for the evaluation prompts), never replaced by the dataset's: the VLM judge reads its raw text, the rule judge
+   gives it no score (the sample drops out of its group). ``oracle`` conditions on the dataset's Meta-CoT instead.
+   A written CoT too long for the condition budget is cut to its longest fitting prefix (``cot_cut``). Every written
+   CoT is appended to ``RUN/cots.jsonl``. SDE steps only inside this iteration's window (drawn from the run seed
+   and the iteration, shared by every rank and group), ODE elsewhere; rewards of each rollout batch are computed in
+   worker threads while the next batch samples (on-policy: training waits until the iteration's rewards are in).
 2. ``advantages``: rewards gathered from all ranks, normalised per group (``metacot.flow_grpo.math``); a sample
    without a score drops out of its group; zero-spread groups are counted and carry no gradient.
 3. ``train_policy``: clipped-ratio GRPO loss on each window step's log-prob (``metacot.flow_grpo.sde``), optional KL
@@ -33,7 +41,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from metacot.cot import render
+from metacot.cot import parse_lenient, render
 from metacot.cot.schema import EditRecord, load_records
 from metacot.final import FROZEN, consolidate, write_final
 from metacot.flow_grpo.config import GRPOConfig
@@ -53,7 +61,7 @@ from metacot.flow_grpo.rollout import (
     score_step,
 )
 from metacot.flow_grpo.sde import default_clip_range
-from metacot.models.conditioning import NEGATIVE_PROMPT, encode_conditions
+from metacot.models.conditioning import NEGATIVE_PROMPT, build_prompt, encode_conditions
 from metacot.models.loading import EditingModel, load_editing_model
 from metacot.models.sampler import encode_latents, image_shapes, sigma_schedule, source_shape
 from metacot.models.speed import apply_speed_options
@@ -75,7 +83,7 @@ from metacot.training import (
     stop_if_requested,
     trainable_parameters,
 )
-from metacot.understanding import write_cots
+from metacot.understanding import fit_to_budget, load_understanding, write_cots
 from rewards.contract import (
     RewardBatch,
     WeightedReward,
@@ -91,11 +99,15 @@ class Prompt:
     record: EditRecord
     source: Image.Image  # at the output size: rewards, CoT writing and grids see this one
     target: Image.Image | None
-    cot: Any  # MetaCoT or None
-    cot_text: str | None
+    # What the judges check the edit against: a MetaCoT (the record's, or a written one that parsed), the raw text of a
+    # written CoT that did not parse, or None (no CoT: no-CoT models).
+    cot: Any
+    cot_text: str | None  # what the generator is conditioned on (rendered oracle CoT, or the raw written text)
     # The source at the source latent size (data.source_area) when that differs from the output size: what the
     # condition encoder and the VAE see.
     context: Image.Image | None = None
+    written: bool = False  # cot / cot_text were written by the understanding expert (cached under greedy decoding)
+    cot_cut: bool = False  # the written CoT was cut to fit the condition budget (understanding.fit_to_budget)
 
     @property
     def conditioning_image(self) -> Image.Image:
@@ -111,6 +123,7 @@ class GRPOState:
     optimizer: Any
     scheduler: Any
     base: EditingModel
+    und: tuple[Any, Any] | None  # the frozen understanding expert (vlm, processor) when it writes the CoTs, else None
     prompts: list[Prompt]
     eval_prompts: list[Prompt]
     reward: WeightedReward
@@ -123,6 +136,7 @@ class GRPOState:
     optimizer_step: int = 0
     train_seconds: float = 0.0  # summed time_iteration (train.max_seconds)
     timings: dict[str, float] = field(default_factory=dict)
+    eval_cot_stats: dict[str, float] = field(default_factory=dict)  # eval_cot_unparsed(_share) of the eval prompts
 
 
 # -- setup -----------------------------------------------------------------------------------------------------------
@@ -167,18 +181,61 @@ def _load_prompts(path: str, base: EditingModel, cfg: GRPOConfig, limit: int | N
         with Image.open(p) as img:
             return img.convert("RGB").resize(size, Image.Resampling.BICUBIC)
 
-    prompts = [Prompt(r, load(r.source_image), load(r.target_image), r.cot, render(r.cot) if r.cot is not None else None,
+    oracle = cfg.data.cot_source == "oracle"
+    prompts = [Prompt(r, load(r.source_image), load(r.target_image), r.cot if oracle else None,
+                      render(r.cot) if oracle and r.cot is not None else None,
                       load(r.source_image, (src[1], src[0])) if src != (res, res) else None) for r in records]
-    if cfg.data.cot_source == "model":
-        written = write_cots(base.vlm, base.processor, [p.source for p in prompts],
-                             [p.record.instruction for p in prompts], max_new_tokens=cfg.data.max_cot_tokens)
-        for p, w in zip(prompts, written):
-            p.cot, p.cot_text = w.parsed.cot, (w.text or None)
     missing = [p.record.id for p in prompts if p.cot_text is None]
-    if missing and not stage1_prompt_options(cfg.model)["no_cot"]:
+    if oracle and missing and not stage1_prompt_options(cfg.model)["no_cot"]:
         raise ValueError(f"{path}: {len(missing)} prompts have no Meta-CoT ({', '.join(missing[:10])}); annotate "
                          f"them, or set data.cot_source=model to let the understanding expert write them")
     return prompts
+
+
+def writes_cots(cfg: GRPOConfig) -> bool:
+    """The understanding expert writes the CoTs: ``cot_source=model`` and a model trained with CoT."""
+    return cfg.data.cot_source == "model" and not stage1_prompt_options(cfg.model)["no_cot"]
+
+
+def write_prompt_cots(state: GRPOState, prompts: list[Prompt], split: str) -> dict[str, float]:
+    """Let the frozen understanding expert write the Meta-CoT of ``prompts`` (one each, shared by its group).
+
+    Greedy decoding is deterministic, so a prompt is written once and cached; with ``data.cot_sampling=sample``
+    it is rewritten on every call (once per iteration). Returns ``{cot_unparsed, cot_unparsed_share, cot_cut}`` over
+    ``prompts`` summed over ranks ({} when the CoTs are not written); newly written CoTs go to ``RUN/cots.jsonl``.
+    """
+    from accelerate.utils import gather_object
+
+    cfg, acc = state.cfg, state.accelerator
+    if state.und is None:
+        return {}
+    sample = cfg.data.cot_sampling == "sample"
+    todo = [p for p in prompts if sample or not p.written]
+    vlm, processor = state.und
+    include = stage1_prompt_options(cfg.model)["include_instruction"]
+    step = cfg.rollout.batch_size
+    for start in range(0, len(todo), step):
+        chunk = todo[start:start + step]
+        written = write_cots(vlm, processor, [p.source for p in chunk], [p.record.instruction for p in chunk],
+                             max_new_tokens=cfg.data.max_cot_tokens,
+                             temperature=cfg.data.cot_temperature if sample else None,
+                             seed=((cfg.train.seed * 1_000_003 + state.iteration) * 1_009 + acc.process_index)
+                             * 100_003 + start)
+        for p, w in zip(chunk, written):
+            # Over the condition budget: the generator (and so the judge) gets the longest prefix that fits.
+            text, p.cot_cut = fit_to_budget(state.base.processor, p.record.instruction, w.text,
+                                            include_instruction=include)
+            p.cot = (parse_lenient(text).cot or text) if p.cot_cut else w.for_judge
+            p.cot_text, p.written = text, True
+    records = gather_object([{"iteration": state.iteration, "split": split, "id": p.record.id, "text": p.cot_text,
+                              "parsed": not isinstance(p.cot, str), "cut": p.cot_cut} for p in todo])
+    if acc.is_main_process and records:
+        with open(state.run.root / "cots.jsonl", "a", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in records)
+    counts = acc.gather(torch.tensor([sum(isinstance(p.cot, str) for p in prompts), sum(p.cot_cut for p in prompts),
+                                      len(prompts)], device=state.device).view(1, 3)).sum(0)
+    return {"cot_unparsed": int(counts[0]), "cot_unparsed_share": float(counts[0] / max(1, int(counts[2]))),
+            "cot_cut": int(counts[1])}
 
 
 def build_rewards(cfg: GRPOConfig) -> WeightedReward:
@@ -204,6 +261,10 @@ def setup(cfg: GRPOConfig) -> GRPOState:
     base = load_editing_model(cfg.model, device=device, dtype=dtype)
     base.vlm.requires_grad_(False)
     base.vae.requires_grad_(False)
+    # The Stage-1-trained expert writes the CoTs; it is not the text encoder when a LoRA-tuned VLM conditioned the
+    # MMDiT adapter-off (final/understanding/), so it is loaded by the one loader every path shares.
+    und = load_understanding(cfg.model, device=device, dtype=dtype, text_encoder=(base.vlm, base.processor)) \
+        if writes_cots(cfg) else None
     gate = check_calibration_gate(cfg)
     prompts = _load_prompts(cfg.data.train, base, cfg)
     eval_prompts = _load_prompts(cfg.data.eval or cfg.data.train, base, cfg, limit=cfg.eval.prompts)
@@ -236,8 +297,10 @@ def setup(cfg: GRPOConfig) -> GRPOState:
     ema = None
     if cfg.policy.ema_decay > 0:
         ema = [p.detach().clone().float() for p in trainable_parameters(accelerator.unwrap_model(policy))]
-    state = GRPOState(cfg, run, accelerator, policy, optimizer, scheduler, base, prompts, eval_prompts, reward,
+    state = GRPOState(cfg, run, accelerator, policy, optimizer, scheduler, base, und, prompts, eval_prompts, reward,
                       build_reward(cfg.eval.metric), reference, ema, device, grad_accum)
+    # The fixed evaluation prompts get their CoTs once, here (greedy or sampled: the same ones at every evaluation).
+    state.eval_cot_stats = {f"eval_{k}": v for k, v in write_prompt_cots(state, eval_prompts, "eval").items()}
     latest = run.latest_checkpoint() if cfg.train.resume else None
     if latest is not None:
         saved = load_training_state(accelerator, latest)
@@ -262,7 +325,9 @@ def _conditions(state: GRPOState, prompts: list[Prompt]) -> Conditions:
     base, cfg = state.base, state.cfg
     sources = [p.conditioning_image for p in prompts]
     opts = stage1_prompt_options(cfg.model)
-    texts = [condition_prompt(p.record.instruction, p.cot_text or "", **opts) for p in prompts]
+    # No CoT (no-CoT models) or an empty written one: the instruction alone.
+    texts = [condition_prompt(p.record.instruction, p.cot_text, **opts) if (p.cot_text or "").strip()
+             else build_prompt(p.record.instruction, None) for p in prompts]
     with torch.no_grad():
         embeds, mask = encode_conditions(base.vlm, base.processor, sources, texts)
         neg_embeds = neg_mask = None
@@ -297,6 +362,9 @@ def rollout(state: GRPOState, pool: ThreadPoolExecutor) -> dict[str, Any]:
     chosen = epoch_batch_indices(len(state.prompts), r.prompts_per_iteration, it, cfg.train.seed)
     mine = chosen[acc.process_index:: acc.num_processes]  # whole groups per rank
     prompts = [state.prompts[i] for i in mine]
+    t_cot = time.perf_counter()
+    cot_stats = write_prompt_cots(state, prompts, "train")
+    t_cot = time.perf_counter() - t_cot
     cond = _conditions(state, prompts)
     G, n = r.group_size, len(prompts) * r.group_size
     owner = torch.arange(len(prompts), device=state.device).repeat_interleave(G)  # prompt of each sample
@@ -327,13 +395,13 @@ def rollout(state: GRPOState, pool: ThreadPoolExecutor) -> dict[str, Any]:
         images = decode(state.base, traj.final, res, res)
         batch_prompts = [prompts[int(owner[i])] for i in idx.tolist()]
         futures.append(pool.submit(state.reward.score, _reward_batch(batch_prompts, images)))
-    state.timings = {"time_rollout": time.perf_counter() - t0}
+    state.timings = {"time_rollout": time.perf_counter() - t0, **({"time_cot": t_cot} if cot_stats else {})}
     cat = lambda name: torch.cat([getattr(t, name) for t in trajs], dim=-3 if name == "final" else 1)  # noqa: E731
     # Rewards stay pending ("futures"): collect_rewards waits for them, after work that does not need them.
     return {"cond": cond, "window": window, "sigmas": sigmas, "prompt_ids": torch.tensor(mine)[owner.cpu()],
             "latents": cat("latents"), "next_latents": cat("next_latents"),
             "log_probs": torch.cat([t.log_probs for t in trajs], dim=1), "futures": futures,
-            "deadline": time.monotonic() + cfg.reward_timeout_s}
+            "deadline": time.monotonic() + cfg.reward_timeout_s, "cot_stats": cot_stats}
 
 
 def collect_rewards(state: GRPOState, ro: dict[str, Any]) -> None:
@@ -531,7 +599,7 @@ def evaluate(state: GRPOState) -> dict[str, float]:
     metric = [v for v in state.eval_metric(batch) if v is not None]
     reward = [v for v in state.reward(batch) if v is not None]
     out = {f"eval_{cfg.eval.metric}": sum(metric) / len(metric) if metric else float("nan"),
-           "eval_reward": sum(reward) / len(reward) if reward else float("nan")}
+           "eval_reward": sum(reward) / len(reward) if reward else float("nan"), **state.eval_cot_stats}
     if state.accelerator.is_main_process:
         _save_grid(state, prompts, images)
     return out
@@ -576,6 +644,7 @@ def save_final(state: GRPOState) -> Path:
         upstream = Path(cfg.model)
         facts = {"stage": "grpo", "base_model": str(cfg.model), "step": state.iteration,
                  **stage1_prompt_options(cfg.model), "source_area": cfg.data.source_area,
+                 "cot_source": cfg.data.cot_source,
                  "optimizer_steps": state.optimizer_step, "rewards": dict(cfg.rewards),
                  "judge": {"model": cfg.judge.model, "prompt": cfg.judge.prompt}, "ema": cfg.policy.ema_decay > 0}
         if (upstream / "metacot.json").is_file():
@@ -602,7 +671,7 @@ def iteration_step(state: GRPOState, pool: ThreadPoolExecutor) -> dict[str, Any]
     loss_stats = train_policy(state, ro, adv, old)
     state.iteration += 1
     state.train_seconds += time.perf_counter() - t0
-    return {"optimizer_step": state.optimizer_step, **adv_stats, **loss_stats, **state.timings,
+    return {"optimizer_step": state.optimizer_step, **ro["cot_stats"], **adv_stats, **loss_stats, **state.timings,
             "time_old_logprob": t_old, "time_train": time.perf_counter() - t2 + t_old,
             "time_iteration": time.perf_counter() - t0, "train_seconds": state.train_seconds,
             "window_start": ro["window"][0], "window_end": ro["window"][-1],

@@ -153,14 +153,17 @@ def check_condition_budget(
     return counts
 
 
-def condition_text_token_counts(processor: Any, prompts: Sequence[str]) -> list[int]:
+def condition_text_token_counts(processor: Any, prompts: Sequence[str], *, with_image: bool = False) -> list[int]:
     """Text tokens of each prompt's condition after the system prefix (prompt + template closing tokens).
 
     The count the budget applies to; image tokens are left out (they scale with resolution, not with the CoT).
+    ``with_image``: count as :func:`encode_conditions` does for a sample with its image, whose vision start / end
+    markers are text tokens too.
     """
     _, drop_idx = stock_template()
-    ids = processor.tokenizer(_condition_texts(prompts, [False] * len(prompts)))["input_ids"]
-    return [len(x) - drop_idx for x in ids]
+    ids = processor.tokenizer(_condition_texts(prompts, [with_image] * len(prompts)))["input_ids"]
+    pad = _image_token_id(processor)
+    return [len(x) - x.count(pad) - drop_idx for x in ids]
 
 
 def _raise_if_over(counts: Sequence[int], budget: int, names: Sequence[str] | None = None) -> None:
