@@ -186,6 +186,11 @@ def setup(cfg: SFTConfig) -> SFTState:
         run.log(state.step, skipped_overlong=len(data.skipped_overlong))
     if accelerator.is_main_process and speed:
         (run.root / "speed.json").write_text(json.dumps(speed, indent=2))
+    if device.type == "cuda":
+        # Sequence lengths change every step (CoT and condition lengths vary); cuDNN's attention builds an execution
+        # plan per new shape, measured at 50-150 ms of host time per step with the tiny models at batch 64 (more
+        # than the GPU work). The flash / memory-efficient kernels need no plan.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if cfg.data.preprocess:
         t0 = time.perf_counter()
         size = prepare_dataset(data, base, source_size=state.source_size, lm=_lm_loss(cfg), gen=_gen_loss(cfg),
