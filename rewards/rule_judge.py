@@ -401,8 +401,8 @@ class CECRuleJudge:
     None (counted in ``stats["none_no_scene"]``). Deterministic: no randomness anywhere.
 
     Scoring is pure-Python-heavy (GIL-bound: threads do not run it in parallel), so a batch of at least
-    ``2 * workers`` samples is split over ``workers`` processes, started on the first such batch and kept for the
-    judge's lifetime (spawned: safe beside CUDA). ``workers=None`` takes up to 8 of the machine's cores, leaving one;
+    ``2 * workers`` samples is split over ``workers`` processes, started with the judge and kept for its lifetime
+    (spawned: safe beside CUDA). ``workers=None`` takes up to 8 of the machine's cores, leaving one;
     0 or 1 scores in the calling process. Scores and ``stats`` are the same either way.
     """
 
@@ -411,6 +411,9 @@ class CECRuleJudge:
     def __init__(self, workers: int | None = None) -> None:
         self.workers = min(8, (os.cpu_count() or 1) - 1) if workers is None else workers
         self._pool: ProcessPoolExecutor | None = None
+        if self.workers > 1:  # start the workers now: a spawned process imports for seconds, while the run sets up
+            for _ in range(self.workers):
+                self._process_pool().submit(int)
         self.stats: dict[str, int] = {k: 0 for k in ("scored", "none_no_scene", "no_cot_used_scenes",
                                                      "unmatched_entries", "unmentioned_objects",
                                                      "unexpected_objects")}
