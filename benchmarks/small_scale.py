@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--sft", default="uncached+cudnn,cached,uncached",
-                   help="SFT variants, comma-separated: cached / uncached (data.preprocess), +cudnn: cuDNN attention on")
+                   help="SFT variants, comma-separated: cached / uncached (data.preprocess); +cudnn: cuDNN attention")
     p.add_argument("--grpo-iterations", type=int, default=3)
     p.add_argument("--grpo-group", type=int, default=16)
     p.add_argument("--grpo-prompts", type=int, default=8)
@@ -154,7 +154,7 @@ def run_judge(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     from rewards.rule_judge import CECRuleJudge
 
     recs = [r for r in load_records(root / "data" / "train.jsonl") if isinstance(r, EditRecord)][:64]
-    images = [common_image(root / "data" / r.target_image) for r in recs]
+    images = [_open_rgb(root / "data" / r.target_image) for r in recs]
     batch = RewardBatch(images, images, [r.instruction for r in recs], [r.cot for r in recs],
                         {"scene_before": [r.scene_before for r in recs], "scene_after": [r.scene_after for r in recs]})
     row: dict[str, Any] = {"part": "judge", "samples": len(recs)}
@@ -169,7 +169,7 @@ def run_judge(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     return row
 
 
-def common_image(path: Path) -> Any:
+def _open_rgb(path: Path) -> Any:
     from PIL import Image
 
     with Image.open(path) as img:
