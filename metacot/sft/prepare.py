@@ -8,11 +8,11 @@ CFG-dropout case (prompt or ``NEGATIVE_PROMPT``, with or without the source imag
 its source at the source latent size. A step then only pads and concatenates these (:func:`collate`, the same batch
 the processor would build, bit for bit; tested) and runs the models.
 
-Memory: latents stay on the device (at 64 px, 2 x 16 tokens x 64 channels per sample); processor outputs on the host,
-the image patches shared between the cases of one image (about 90 kB per 64 px sample). At real scale (512 px, one
-megapixel sources, 10^5-10^6 samples) that is far too much: :func:`prepare_dataset` refuses a cache estimated above
-:data:`CACHE_BUDGET_BYTES` and says to set ``data.preprocess=false`` (the real-scale preset does), where a step
-prepares its own batch as before.
+Memory: latents stay on the device (tiny VAE at 64 px: 2 x 64 tokens x 64 channels per sample); processor outputs on
+the host, the image patches shared between the cases of one image (about 90 kB per 64 px sample). At real scale
+(512 px, one megapixel sources, 10^5-10^6 samples) that is far too much: :func:`prepare_dataset` refuses a cache
+estimated above :data:`CACHE_BUDGET_BYTES` and says to set ``data.preprocess=false`` (the real-scale preset does),
+where a step prepares its own batch as before.
 """
 
 from __future__ import annotations
