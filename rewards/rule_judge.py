@@ -52,8 +52,9 @@ How it scores one sample:
 check the edit against, and reading the plan off the scenes would judge against the dataset's reasoning instead of
 the one the generator followed, so it returns None), ``no_cot_used_scenes``, ``unmatched_entries``,
 ``unmentioned_objects`` and ``unexpected_objects``.
-Cost on one CPU core: about 4 ms per sample at 32 px, 8 ms at 64 px (more for noise images, whose colours
-scatter: the connected components are a pure-Python search, so this is meant for the recipe's small renders).
+Cost on one CPU core: about 8-15 ms per sample at 64 px (more for noise images, whose colours scatter: the
+connected components are a pure-Python search, so this is meant for the recipe's small renders); single-object
+renders are cached (a GRPO group shares its scenes), and large batches are split over worker processes.
 
 What it leaves out: reading text (labels are compared as ink patterns, not characters), overlapping objects,
 anything but the synthetic palette (real photographs need the VLM judge, rewards.cec), and judging the Meta-CoT
@@ -62,8 +63,13 @@ itself against the instruction (a wrong plan carried out faithfully scores high:
 
 from __future__ import annotations
 
+import functools
 import math
+import multiprocessing
+import os
 import re
+import weakref
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -157,22 +163,36 @@ def label_pixels(image: np.ndarray) -> np.ndarray:
     return labels[inverse.reshape(-1)].reshape(image.shape[:2])
 
 
+def _color_mask(obj: dict[str, Any], width: int, height: int, rgb: Sequence[int]) -> np.ndarray:
+    """Pixels of colour ``rgb`` where the renderer draws ``obj`` alone on white (read-only, shared: do not write)."""
+    key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in obj.items()))
+    return _rendered_mask(key, width, height, tuple(rgb))
+
+
+@functools.lru_cache(maxsize=4096)
+def _rendered_mask(obj: tuple, width: int, height: int, rgb: tuple[int, int, int]) -> np.ndarray:
+    # Cached: the samples of a GRPO group share their scenes; rendering was half of the judge's time.
+    one = {k: list(v) if isinstance(v, tuple) else v for k, v in obj}
+    img = np.asarray(render_scene({"width": width, "height": height, "background": "white", "objects": [one]}))
+    mask = (img[..., 0] == rgb[0]) & (img[..., 1] == rgb[1]) & (img[..., 2] == rgb[2])
+    mask.flags.writeable = False
+    return mask
+
+
 def _object_mask(obj: dict[str, Any], width: int, height: int, shape: str | None = None,
                  box: Sequence[int] | None = None) -> np.ndarray:
     """Pixels of ``obj``'s colour when drawn alone by the recipe's renderer (optionally as another shape / box)."""
     one = dict(obj, shape=shape or obj["shape"], box=list(box if box is not None else obj["box"]))
     if shape is not None:
         one.pop("text", None)
-    scene = {"width": width, "height": height, "background": "white", "objects": [one]}
-    return (np.asarray(render_scene(scene)) == np.array(COLORS[obj["color"]])).all(axis=-1)
+    return _color_mask(one, width, height, COLORS[obj["color"]])
 
 
 def _ink_mask(obj: dict[str, Any], width: int, height: int) -> np.ndarray:
     """Pixels of the object's text label (ink) when drawn alone; all False when it has none."""
     if not obj.get("text"):
         return np.zeros((height, width), dtype=bool)
-    scene = {"width": width, "height": height, "background": "white", "objects": [obj]}
-    return (np.asarray(render_scene(scene)) == np.array(INK)).all(axis=-1)
+    return _color_mask(obj, width, height, INK)
 
 
 def shape_fits(blob: Blob, width: int, height: int) -> dict[str, float]:
@@ -383,11 +403,21 @@ class CECRuleJudge:
     Needs ``extras["scene_before"]`` and ``extras["scene_after"]``; returns None for samples whose scenes are None
     (``stats["none_no_scene"]``) and for samples whose CoT is unparsed text (``stats["none_unparsed_cot"]``).
     Deterministic: no randomness anywhere.
+
+    Scoring is pure-Python-heavy (GIL-bound: threads do not run it in parallel), so a batch of at least
+    ``2 * workers`` samples is split over ``workers`` processes, started with the judge and kept for its lifetime
+    (spawned: safe beside CUDA). ``workers=None`` takes up to 8 of the machine's cores, leaving one;
+    0 or 1 scores in the calling process. Scores and ``stats`` are the same either way.
     """
 
     scale = (0.0, 10.0)
 
-    def __init__(self) -> None:
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = min(8, (os.cpu_count() or 1) - 1) if workers is None else workers
+        self._pool: ProcessPoolExecutor | None = None
+        if self.workers > 1:  # start the workers now: a spawned process imports for seconds, while the run sets up
+            for _ in range(self.workers):
+                self._process_pool().submit(int)
         self.stats: dict[str, int] = {k: 0 for k in ("scored", "none_no_scene", "none_unparsed_cot",
                                                      "no_cot_used_scenes",
                                                      "unmatched_entries", "unmentioned_objects",
@@ -398,33 +428,65 @@ class CECRuleJudge:
         if missing:
             raise ValueError(f"CECRuleJudge needs extras {missing} (scene descriptions of the synthetic recipe); "
                              f"use it with `metacot data synth` data, or use the VLM judge (cec_vlm) otherwise")
-        scores: list[float | None] = []
+        todo: list[tuple[int, Image.Image, dict[str, Any], dict[str, Any], list[tuple[str, bool]]]] = []
+        scores: list[float | None] = [None] * len(batch)
         for i in range(len(batch)):
             before, after = batch.extras["scene_before"][i], batch.extras["scene_after"][i]
             if before is None or after is None:
                 self.stats["none_no_scene"] += 1
-                scores.append(None)
                 continue
             if isinstance(batch.cots[i], str):
                 self.stats["none_unparsed_cot"] += 1
-                scores.append(None)
                 continue
-            scores.append(self.score_sample(batch.edited_images[i], before, after, batch.cots[i])["score"])
+            todo.append((i, batch.edited_images[i], before, after, self._entries(before, after, batch.cots[i])))
+        if self.workers > 1 and len(todo) >= 2 * self.workers:
+            size = -(-len(todo) // self.workers)  # contiguous: a group's samples share scenes (render cache)
+            chunks = [todo[k:k + size] for k in range(0, len(todo), size)]
+            args = [[(np.asarray(img.convert("RGB")), b, a, e) for _, img, b, a, e in chunk] for chunk in chunks]
+            for chunk, (values, stats) in zip(chunks, self._process_pool().map(_score_in_worker, args)):
+                for (i, *_), value in zip(chunk, values):
+                    scores[i] = value
+                for k, v in stats.items():
+                    self.stats[k] += v
+            return scores
+        for i, img, before, after, entries in todo:
+            scores[i] = self._score(img, before, after, entries)["score"]
         return scores
+
+    def _process_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the worker processes (they also stop when the judge is garbage-collected or the program exits)."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_pool": None}
 
     def score_sample(self, edited: Image.Image, before: dict[str, Any], after: dict[str, Any],
                      cot: Any = None) -> dict[str, Any]:
         """Score one sample; returns ``{"score", "targets": [(name, item)], "kept": [(name, item)], "background"}``."""
+        return self._score(edited, before, after, self._entries(before, after, cot))
+
+    def _entries(self, before: Any, after: Any, cot: Any) -> list[tuple[str, bool]]:
+        """The traversal as (object name, changed): the Meta-CoT's, or read off the scenes without one."""
         for name, scene in (("scene_before", before), ("scene_after", after)):
             if not isinstance(scene, dict) or "objects" not in scene:
                 raise ValueError(f"{name} must be a scene dict with 'objects' (metacot.cot.schema), got "
                                  f"{type(scene).__name__}")
-        sample = _Sample(edited, before, after)
         if cot is None:
             self.stats["no_cot_used_scenes"] += 1
-            entries = _traversal_from_scenes(before, after)
-        else:
-            entries = [(t.name, bool(t.changed)) for t in cot.traversal]
+            return _traversal_from_scenes(before, after)
+        return [(t.name, bool(t.changed)) for t in cot.traversal]
+
+    def _score(self, edited: Image.Image, before: dict[str, Any], after: dict[str, Any],
+               entries: list[tuple[str, bool]]) -> dict[str, Any]:
+        sample = _Sample(edited, before, after)
         plan = self._plan(before, after, entries)
         sample.set_expected([item[4] for item in plan if item[4] is not None])
         explained = {c for item in plan for c in item[3] if c}
@@ -490,3 +552,13 @@ class CECRuleJudge:
                 plan.append(("keep-object", f"the {obj['color']} {obj['shape']} (not in the Meta-CoT)", obj,
                              (obj["color"],), obj))
         return plan
+
+
+def _score_in_worker(items: list[tuple[np.ndarray, dict[str, Any], dict[str, Any], list[tuple[str, bool]]]],
+                     ) -> tuple[list[float], dict[str, int]]:
+    """Score ``(RGB array, scene_before, scene_after, traversal entries)`` items in a worker process; returns the
+    scores and the counts this adds to ``CECRuleJudge.stats``."""
+    judge = CECRuleJudge(workers=0)
+    scores = [judge._score(Image.fromarray(img), before, after, entries)["score"]
+              for img, before, after, entries in items]
+    return scores, judge.stats

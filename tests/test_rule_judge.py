@@ -112,3 +112,23 @@ def test_parsing_helpers() -> None:
 
     blob = _Sample(render_scene(scene), scene, scene).detect("red")
     assert classify_shape(blob, 32, 32) == "star"
+
+
+def test_worker_processes_give_the_in_process_scores_and_stats() -> None:
+    """A batch split over worker processes (off the GIL) scores and counts exactly as one process does."""
+    rng = np.random.default_rng(0)
+    samples = [_sample(category, 32, start=i) for i, category in enumerate(CATEGORIES * 2)]
+    edited = [render_scene(e.after) if i % 3 else Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+              for i, (_, e) in enumerate(samples)]
+    batch = RewardBatch(edited, edited, ["i"] * len(samples), [None if i % 4 == 0 else e.cot for i, (_, e) in
+                                                               enumerate(samples)],
+                        extras={"scene_before": [s for s, _ in samples[:-1]] + [None],
+                                "scene_after": [e.after for _, e in samples]})
+    alone = CECRuleJudge(workers=0)
+    pooled = CECRuleJudge(workers=2)
+    try:
+        assert pooled(batch) == alone(batch)
+        assert pooled._pool is not None, "the batch was scored in worker processes"
+        assert pooled.stats == alone.stats and alone.stats["scored"] == len(samples) - 1
+    finally:
+        pooled.close()

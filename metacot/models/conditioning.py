@@ -177,9 +177,23 @@ def _raise_if_over(counts: Sequence[int], budget: int, names: Sequence[str] | No
         )
 
 
+def condition_inputs(
+    processor: Any, images: Sequence[Image.Image], prompts: Sequence[str], drop_image: Sequence[bool],
+) -> dict[str, torch.Tensor]:
+    """The processor's batch for :func:`encode_conditions` (template, tokens, image patches), on the host.
+
+    SFT calls it once per sample and CFG-dropout case at setup and collates the pieces per step
+    (``metacot.sft.prepare``); padding follows the tokenizer's ``padding_side``.
+    """
+    kept = [img for img, d in zip(images, drop_image, strict=True) if not d]
+    return dict(processor(text=_condition_texts(prompts, [not d for d in drop_image]), images=kept or None,
+                          padding=True, return_tensors="pt"))
+
+
 def encode_conditions(
     vlm: Any, processor: Any, images: Sequence[Image.Image], prompts: Sequence[str],
     drop_image: Sequence[bool] | None = None, *, max_text_tokens: int | None = DEFAULT_MAX_TEXT_TOKENS,
+    inputs: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode source images + prompts into the MMDiT condition, as the stock pipeline's ``encode_prompt`` does.
 
@@ -193,6 +207,8 @@ def encode_conditions(
         drop_image: per sample, True removes the image from the condition (the vision block is left out of the
             template; the system prefix is unchanged) for classifier-free-guidance dropout. Default: keep all.
         max_text_tokens: refuse samples with more text tokens after the prefix (None: no limit).
+        inputs: :func:`condition_inputs` of exactly these images, prompts and drop flags, computed earlier (SFT's
+            per-sample cache); the processor is then not run again.
 
     Returns:
         ``(embeds [B, L, D], mask [B, L])``: the VLM's last hidden states after the prefix, right-padded with zeros to
@@ -209,11 +225,10 @@ def encode_conditions(
             f"{len(images)} images, {len(prompts)} prompts, {len(drop)} drop flags"
         )
     _, drop_idx = stock_template()
-    kept = [img for img, d in zip(images, drop, strict=True) if not d]
     device = next(vlm.parameters()).device
-    inputs = processor(
-        text=_condition_texts(prompts, [not d for d in drop]), images=kept or None, padding=True, return_tensors="pt"
-    ).to(device)
+    if inputs is None:
+        inputs = condition_inputs(processor, images, prompts, drop)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     mask = inputs["attention_mask"].bool()
     if max_text_tokens is not None:
         text_counts = (mask & (inputs["input_ids"] != _image_token_id(processor))).sum(1) - drop_idx
@@ -225,10 +240,12 @@ def encode_conditions(
         output_hidden_states=True, logits_to_keep=1,
     )
     hidden = outputs.hidden_states[-1]
-    per_sample = [h[m][drop_idx:] for h, m in zip(hidden, mask, strict=True)]
-    length = max(x.shape[0] for x in per_sample)
-    embeds = torch.stack([torch.cat([x, x.new_zeros(length - x.shape[0], x.shape[1])]) for x in per_sample])
-    out_mask = torch.zeros(len(per_sample), length, dtype=torch.long, device=hidden.device)
-    for i, x in enumerate(per_sample):
-        out_mask[i, : x.shape[0]] = 1
+    # Each sample's valid tokens after the prefix, moved to the front and zero-padded: one gather for the batch
+    # (a per-sample loop cost two device syncs per sample). A stable sort puts the valid positions first, in order.
+    valid = mask.sum(1) - drop_idx
+    length = int(valid.max())
+    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, drop_idx:drop_idx + length]
+    out_mask = (torch.arange(length, device=hidden.device)[None] < valid[:, None]).long()
+    gathered = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
+    embeds = torch.where(out_mask[..., None].bool(), gathered, gathered.new_zeros(()))
     return embeds, out_mask

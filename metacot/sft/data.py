@@ -36,6 +36,9 @@ class EditSample:
     # The source at the source latent size (data.source_area) when that differs from the output size: what the
     # condition encoder and the VAE see; ``source`` (output size) is what the understanding expert reads.
     context: Image.Image | None = None
+    # Step-invariant model inputs (tokens, image patches, latents): a metacot.sft.prepare.Prepared filled at setup
+    # when data.preprocess is on, else None.
+    prepared: Any = None
 
     @property
     def conditioning_image(self) -> Image.Image:
@@ -49,6 +52,7 @@ class UnderstandingSample:
     question: str
     answer: str
     kind: str
+    prepared: Any = None  # as EditSample.prepared
 
 
 @dataclass

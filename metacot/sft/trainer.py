@@ -52,6 +52,7 @@ from metacot.sft.data import (
     UnderstandingSample,
     load_sft_dataset,
 )
+from metacot.sft.prepare import DROP_FLAGS, collate, lm_batch, prepare_dataset
 from metacot.training import (
     StopFlag,
     build_accelerator,
@@ -124,36 +125,6 @@ def draw_dropout_cases(n: int, cfg: SFTConfig, gen: torch.Generator) -> list[str
     return ["text" if x < edges[0] else "image" if x < edges[1] else "both" if x < edges[2] else "none" for x in u]
 
 
-def lm_batch(processor: Any, samples: list[tuple[Any, str, str]], device: torch.device) -> dict[str, torch.Tensor]:
-    """Tokenise (image, user text, assistant text) chats; labels cover the assistant turn only.
-
-    The prompt part's length is measured by tokenising the same chat without the assistant turn (with the
-    generation prompt), so image-token expansion is identical in both.
-    """
-    full, prompts, images = [], [], []
-    for image, user, assistant in samples:
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user}]}]
-        prompts.append(processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
-        msgs = msgs + [{"role": "assistant", "content": [{"type": "text", "text": assistant}]}]
-        full.append(processor.apply_chat_template(msgs, tokenize=False))
-        images.append(image)
-    tok = processor.tokenizer
-    side = tok.padding_side
-    tok.padding_side = "right"
-    try:
-        enc = processor(text=full, images=images, padding=True, return_tensors="pt")
-        pre = processor(text=prompts, images=images, padding=True, return_tensors="pt")
-    finally:
-        tok.padding_side = side
-    labels = enc["input_ids"].clone()
-    prompt_lens = pre["attention_mask"].sum(dim=1)
-    for i, n in enumerate(prompt_lens.tolist()):
-        labels[i, :n] = -100
-    labels[enc["attention_mask"] == 0] = -100
-    enc["labels"] = labels
-    return {k: v.to(device) for k, v in enc.items()}
-
-
 # -- orchestration ---------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -170,6 +141,12 @@ class SFTState:
     grad_accum: int
     sigma_shift: float  # the resolved cfg.timestep_shift (0 = the sampler's shift at the training resolution)
     step: int = 0
+
+    @property
+    def source_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the source latents: the output size, or ``data.source_area``'s."""
+        res = self.cfg.data.resolution
+        return source_shape(self.base, res, res, self.cfg.data.source_area)
 
 
 def setup(cfg: SFTConfig) -> SFTState:
@@ -217,7 +194,28 @@ def setup(cfg: SFTConfig) -> SFTState:
         run.log(state.step, skipped_overlong=len(data.skipped_overlong))
     if accelerator.is_main_process and speed:
         (run.root / "speed.json").write_text(json.dumps(speed, indent=2))
+    if device.type == "cuda":
+        # Sequence lengths change every step (CoT and condition lengths vary); cuDNN's attention builds an execution
+        # plan per new shape, measured at 50-150 ms of host time per step with the tiny models at batch 64 (more
+        # than the GPU work). The flash / memory-efficient kernels need no plan.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    if cfg.data.preprocess:
+        t0 = time.perf_counter()
+        size = prepare_dataset(data, base, source_size=state.source_size, lm=_lm_loss(cfg), gen=_gen_loss(cfg),
+                               no_cot=cfg.no_cot)
+        accelerator.print(f"preprocessed {len(data.edits)} edits + {len(data.understanding)} understanding samples "
+                          f"in {time.perf_counter() - t0:.1f}s ({size / 2**20:.0f} MiB cached)")
     return state
+
+
+def _lm_loss(cfg: SFTConfig) -> bool:
+    return cfg.understanding.trainable and cfg.und_loss_weight > 0
+
+
+def _gen_loss(cfg: SFTConfig) -> bool:
+    """Whether the flow-matching loss runs: something it trains is trainable, and its weight is not 0."""
+    return (cfg.generation.trainable or (cfg.understanding.trainable and cfg.train_vlm_through_conditions)) \
+        and cfg.gen_loss_weight != 0
 
 
 def _unwrapped(state: SFTState) -> Experts:
@@ -226,40 +224,56 @@ def _unwrapped(state: SFTState) -> Experts:
 
 def build_inputs(state: SFTState, edits: list[EditSample], und: list[UnderstandingSample], step: int,
                  micro: int) -> tuple[dict[str, Any] | None, list[dict[str, Any]], dict[str, int]]:
-    """Tokenise, encode latents and conditions, draw noise / sigma / dropout for one micro-batch."""
+    """Tokenise, encode latents and conditions, draw noise / sigma / dropout for one micro-batch.
+
+    With ``data.preprocess`` the tokens, image patches and latents come from each sample's ``prepared`` cache
+    (``metacot.sft.prepare``) and are only collated here; the batch is the same either way.
+    """
     cfg, base, dev = state.cfg, state.base, state.device
     experts = _unwrapped(state)
+    cached = cfg.data.preprocess
+    tok = base.processor.tokenizer
     lm = None
-    if cfg.understanding.trainable and cfg.und_loss_weight > 0:
-        pairs = [(s.source, s.instruction, s.cot_text) for s in edits if not cfg.no_cot]
-        pairs += [(s.image, s.question, s.answer) for s in und]
-        lm = lm_batch(base.processor, pairs, dev) if pairs else None
-    if not (cfg.generation.trainable or (cfg.understanding.trainable and cfg.train_vlm_through_conditions)) \
-            or cfg.gen_loss_weight == 0:
+    if _lm_loss(cfg):
+        chats = [s for s in edits if not cfg.no_cot] + list(und)
+        if chats and cached:
+            lm = {k: v.to(dev) for k, v in collate([s.prepared.lm for s in chats], tok.pad_token_id).items()}
+        elif chats:
+            pairs = [(s.source, s.instruction, s.cot_text) for s in edits if not cfg.no_cot]
+            pairs += [(s.image, s.question, s.answer) for s in und]
+            lm = lm_batch(base.processor, pairs, dev)
+    if not _gen_loss(cfg):
         return lm, [], {}
     gen = step_generator(cfg.train.seed, step, stream=micro)
     n = len(edits)
     cases = draw_dropout_cases(n, cfg, gen)
     sigma = sample_sigmas(n, cfg, gen, state.sigma_shift)
-    with torch.no_grad():
-        x0 = encode_latents(base, [s.target for s in edits]).to(dev)
-        src = source_shape(base, cfg.data.resolution, cfg.data.resolution, cfg.data.source_area)
-        contexts = [s.conditioning_image for s in edits]  # at the source latent size
-        if any(img.size != (src[1], src[0]) for img in contexts):
-            contexts = resize_sources(base, contexts, *src)
-        ctx = encode_latents(base, contexts).to(dev)
+    src = state.source_size
+    contexts = [s.conditioning_image for s in edits]  # at the source latent size
+    inputs = None
+    if cached:
+        x0 = torch.stack([s.prepared.target for s in edits]).to(dev)
+        ctx = torch.stack([s.prepared.context for s in edits]).to(dev)
+        inputs = collate([s.prepared.cond[c] for s, c in zip(edits, cases)], tok.pad_token_id, tok.padding_side)
+    else:
+        with torch.no_grad():
+            x0 = encode_latents(base, [s.target for s in edits]).to(dev)
+            if any(img.size != (src[1], src[0]) for img in contexts):
+                contexts = resize_sources(base, contexts, *src)
+            ctx = encode_latents(base, contexts).to(dev)
     noise = torch.randn(x0.shape, generator=gen).to(dev, x0.dtype)
     sig = sigma.to(dev, x0.dtype).view(-1, 1, 1)
     x_t = (1 - sig) * x0 + sig * noise
     velocity = noise - x0
-    prompts = [NEGATIVE_PROMPT if c in ("text", "both") else s.condition_prompt for s, c in zip(edits, cases)]
-    drop_image = [c in ("image", "both") for c in cases]
+    prompts = [NEGATIVE_PROMPT if DROP_FLAGS[c][0] else s.condition_prompt for s, c in zip(edits, cases)]
+    drop_image = [DROP_FLAGS[c][1] for c in cases]
     encoder = experts.vlm
     grad_ok = cfg.understanding.trainable and cfg.train_vlm_through_conditions and cfg.condition_with_adapter
     adapter_off = cfg.understanding.mode == "lora" and not cfg.condition_with_adapter
     ctx_mgr = encoder.disable_adapter() if adapter_off else contextlib.nullcontext()
     with ctx_mgr, (contextlib.nullcontext() if grad_ok else torch.no_grad()):
-        cond, mask = encode_conditions(encoder, base.processor, contexts, prompts, drop_image=drop_image)
+        cond, mask = encode_conditions(encoder, base.processor, contexts, prompts, drop_image=drop_image,
+                                       inputs=inputs)
     shape = image_shapes(base, cfg.data.resolution, cfg.data.resolution)
     src_shape = image_shapes(base, *src)
     groups = []
