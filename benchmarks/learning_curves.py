@@ -55,6 +55,7 @@ def parse_variant(text: str) -> dict[str, Any]:
 def evaluate(state: Any, sets: dict[str, list[Any]], res: int, grid: Path | None) -> dict[str, float]:
     """Sample every set through the inference path with model-written CoTs; mean measures per set."""
     from metacot.eval.metrics import edit_scores
+    from metacot.eval.scene_metrics import instruction_consistency
     from metacot.models.conditioning import build_prompt
     from metacot.models.sampler import edit
     from metacot.understanding import write_cots
@@ -78,9 +79,11 @@ def evaluate(state: Any, sets: dict[str, list[Any]], res: int, grid: Path | None
             with torch.no_grad():
                 images = edit(model, [s.source for s in samples], prompts, height=res, width=res, num_steps=16,
                               cfg_scale=1.0, generator=gens)
-            scores = [edit_scores(img, s.source, s.target) for img, s in zip(images, samples)]
-            for key in ("psnr", "sim_changed", "sim_kept"):
-                vals = [x[key] for x in scores if x[key] == x[key]]
+            scores = [edit_scores(img, s.source, s.target) | instruction_consistency(
+                img, s.source, s.target, s.record.scene_before, s.record.scene_after,
+                whole_view="Camera Motion" in s.meta_tasks) for img, s in zip(images, samples)]
+            for key in ("psnr", "sim_changed", "sim_kept", "ins", "con"):
+                vals = [x[key] for x in scores if x[key] is not None and x[key] == x[key]]
                 out[f"{name}_{key}"] = sum(vals) / max(1, len(vals))
             images_all.append((samples[:8], images[:8]))
     finally:

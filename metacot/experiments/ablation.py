@@ -80,6 +80,7 @@ class AblationConfig:
     eval_samples: int = 200  # held-out test edits per split (single, composed)
     eval_steps: int = 16
     eval_batch: int = 64  # edits sampled (and CoTs written) per batch at evaluation
+    max_cot_tokens: int = 384  # generation budget of a written Meta-CoT (GRPO rollouts and evaluation)
     arms: list[str] = field(default_factory=lambda: list(ARMS))
 
     def __post_init__(self) -> None:
@@ -155,7 +156,8 @@ def grpo_overrides(q: AblationConfig, out: Path, arm: str, max_seconds: float = 
             f"rollout.num_steps={q.rollout_steps}", f"rollout.window_size={window[0]}",
             f"rollout.window_max={window[1]}", f"policy.micro_batch_size={samples // 2}", "policy.updates_per_epoch=2",
             f"generation.lr={q.grpo_lr}", f"eval.every={q.eval_every}", f"eval.num_steps={q.eval_steps}",
-            "eval.prompts=32", "train.save_every=0", "train.wandb_mode=disabled", "train.progress=false"]
+            f"eval.prompts={min(32, q.eval_samples)}", f"data.max_cot_tokens={q.max_cot_tokens}",
+            "train.save_every=0", "train.wandb_mode=disabled", "train.progress=false"]
 
 
 def _sft(q: AblationConfig, out: Path, arm: str) -> None:
@@ -238,7 +240,7 @@ def evaluate_arms(q: AblationConfig, out: Path, arms: list[str]) -> dict[str, An
         for arm in arms:
             results[split] = run_eval(arm_model(out, arm), samples, out / "eval" / split, num_steps=q.eval_steps,
                                       cot_source="model", no_cot=arm == "a", method=arm, seed=q.seed,
-                                      batch_size=q.eval_batch, device=q.device)
+                                      batch_size=q.eval_batch, device=q.device, max_cot_tokens=q.max_cot_tokens)
     return results
 
 
