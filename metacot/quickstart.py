@@ -5,13 +5,14 @@ command is run again, so an interrupted quickstart resumes):
 
 1. ``models``: tiny Qwen2.5-VL + QwenImage edit pipeline (the VAE trained to reconstruct synthetic scenes);
 2. ``data``: synthetic Meta-CoT edits with exact ground truth (all meta-tasks, dependent chains), splits;
-3. ``sft``: Stage 1 of both experts (DeepSpeed ZeRO-2, in-process);
+3. ``sft``: Stage 1 of both experts (DeepSpeed ZeRO-2, in-process), then ``sft_nocot``: the no-CoT baseline
+   (instruction only, same data and steps);
 4. ``calibration``: the rule-based CEC judge against SIMULATED annotators (derived from the ground truth by a
    pixel measurement, not from the judge), plus the vLLM judge when ``judge.url`` is set;
 5. ``grpo``: Stage 2 Flow-GRPO on early steps with the CEC rule reward (the calibration gate applies to VLM judges);
    the SFT model's understanding expert writes each prompt's Meta-CoT (``cot_source``; ``oracle``: the dataset's);
 6. ``export``: the aligned checkpoint as plain diffusers + transformers folders, verified in a fresh process;
-7. ``eval``: before (SFT) vs after (GRPO) on the held-out test split against the copy and erase baselines, each
+7. ``eval``: no-CoT vs Meta-CoT SFT vs GRPO, each writing its own Meta-CoT, on the held-out test split against the copy and erase baselines, each
    model conditioned on the Meta-CoT its own understanding expert writes (``cot_source=oracle``: the dataset's; the
    rows are then named "sft (oracle CoT)", "grpo (oracle CoT)");
 8. ``report``: ``OUT/report/index.html``.
@@ -89,9 +90,9 @@ def _stage(name: str, done: bool, fn: Callable[[], Any], log: list[dict[str, Any
     print(f"[quickstart] {name}: {seconds:.1f} s", flush=True)
 
 
-def sft_overrides(q: QuickstartConfig, out: Path) -> list[str]:
+def sft_overrides(q: QuickstartConfig, out: Path, name: str = "sft") -> list[str]:
     return [f"model={out / 'models' / 'pipeline'}", f"data.train={out / 'data' / 'train.jsonl'}",
-            f"output_dir={out / 'sft'}", f"data.resolution={q.resolution}", f"train.max_steps={q.sft_steps}",
+            f"output_dir={out / name}", f"data.resolution={q.resolution}", f"train.max_steps={q.sft_steps}",
             f"batch_size={q.sft_batch}", f"micro_batch_size={q.sft_batch}", f"understanding.lr={q.sft_lr}",
             f"generation.lr={q.sft_lr}", f"train.device={q.device}", f"train.seed={q.seed}",
             f"train.save_every={max(1, q.sft_steps // 2)}", "train.wandb_mode=offline"]
@@ -161,6 +162,10 @@ def run_quickstart(q: QuickstartConfig) -> Path:
                             chain_length=3), log)
     _stage("sft", is_complete(out / "sft" / "final"),
            lambda: sft_train(load_config(SFTConfig, "tiny", sft_overrides(q, out), stage="sft")), log)
+    # The no-CoT baseline (the paper's Train-Editing-Only): same data, steps and models, instruction only.
+    _stage("sft_nocot", is_complete(out / "sft_nocot" / "final"),
+           lambda: sft_train(load_config(SFTConfig, "tiny", [*sft_overrides(q, out, "sft_nocot"), "no_cot=true"],
+                                         stage="sft")), log)
     _stage("calibration", (out / "calibration" / "calibration.json").is_file(),
            lambda: calibrate_rule_judge(q, out), log)
     _stage("grpo", is_complete(out / "grpo" / "final"),
@@ -171,11 +176,12 @@ def run_quickstart(q: QuickstartConfig) -> Path:
 
     def evaluate() -> None:
         samples = load_jsonl_suite(out / "data" / "test.jsonl")[: q.eval_samples]
-        for method, model in (("sft", out / "sft" / "final"), ("grpo", out / "export")):
+        for method, model in (("sft_nocot", out / "sft_nocot" / "final"), ("sft", out / "sft" / "final"),
+                              ("grpo", out / "export")):
             run_eval(model, samples, out / "eval", num_steps=q.eval_steps, method=method, seed=q.seed,
                      device=q.device, cot_source=q.cot_source)
 
-    names = tuple(method_label(m, q.cot_source) for m in ("sft", "grpo"))
+    names = ("sft_nocot", *(method_label(m, q.cot_source) for m in ("sft", "grpo")))
     _stage("eval", (out / "eval" / "results.json").is_file() and _has_methods(out / "eval", names), evaluate, log)
     total = time.perf_counter() - t0
     (out / "timings.json").write_text(json.dumps({"stages": log, "total_seconds": round(total, 1)}, indent=2))

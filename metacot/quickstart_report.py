@@ -39,23 +39,24 @@ metacot export /runs/grpo --out /releases/metacot-qwen-image-edit
 metacot eval --model /releases/metacot-qwen-image-edit/pipeline --data /data/metacot/test.jsonl --out /runs/eval"""
 
 
-def _grid(out: Path, ids: list[str], names: tuple[str, str], size: int = 96) -> Path | None:
-    """report/grid.png: one row per test sample: source | SFT | GRPO | ground truth (``names``: the eval methods)."""
+def _grid(out: Path, ids: list[str], names: tuple[str, ...], size: int = 96) -> Path | None:
+    """report/grid.png: one row per test sample: source | each eval method in ``names`` | ground truth."""
     data = {json.loads(x)["id"]: json.loads(x) for x in (out / "data" / "test.jsonl").read_text().splitlines()}
     rows = []
     for sid in ids:
         rec = data[sid]
-        cells = [out / "data" / rec["source_image"], out / "eval" / "images" / names[0] / f"{sid}.png",
-                 out / "eval" / "images" / names[1] / f"{sid}.png", out / "data" / rec["target_image"]]
+        cells = [out / "data" / rec["source_image"], *(out / "eval" / "images" / n / f"{sid}.png" for n in names),
+                 out / "data" / rec["target_image"]]
         if all(c.is_file() for c in cells):
             rows.append((rec["instruction"], cells))
     if not rows:
         return None
     label_w = 330
-    grid = Image.new("RGB", (label_w + 4 * size, 22 + len(rows) * size), "white")
+    heads = ("source", *names, "ground truth")
+    grid = Image.new("RGB", (label_w + len(heads) * size, 22 + len(rows) * size), "white")
     draw = ImageDraw.Draw(grid)
-    for col, name in enumerate(("source", "SFT", "GRPO", "ground truth")):
-        draw.text((label_w + col * size + 4, 4), name, fill="black")
+    for col, name in enumerate(heads):
+        draw.text((label_w + col * size + 4, 4), name[:16], fill="black")
     for r, (instruction, cells) in enumerate(rows):
         y = 22 + r * size
         draw.text((4, y + size // 2 - 6), instruction[:52], fill="black")
@@ -71,7 +72,7 @@ def _fmt(value: Any) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
-def _table(results: dict[str, Any], measure: str, names: tuple[str, str]) -> str:
+def _table(results: dict[str, Any], measure: str, names: tuple[str, ...]) -> str:
     methods = [m for m in ("copy", "erase", *names) if m in results["methods"]]
     tasks = sorted({t for m in methods for t in results["methods"][m]["meta_task"]})
     head = "".join(f"<th>{m}</th>" for m in methods)
@@ -97,21 +98,50 @@ def _img(path: Path | None, out: Path, alt: str) -> str:
     return f'<img src="{dest.name}" alt="{html.escape(alt)}">'
 
 
-def _verdict(sft: dict[str, Any], grpo: dict[str, Any], results: dict[str, Any]) -> str:
-    """One plain sentence on what the numbers say (they are whatever the run measured)."""
-    def cmp(a: float | None, b: float | None) -> str:
-        return "n/a" if a is None or b is None else ("above" if a > b else "below")
+def _verdict(results: dict[str, Any], names: tuple[str, ...]) -> str:
+    """Plain sentences on what the run shows: Meta-CoT vs no CoT, RL vs SFT, the model vs erasing (the numbers are
+    whatever the run measured; a difference inside the bootstrap intervals is called no difference)."""
+    methods = results["methods"]
 
-    erase = results["methods"]["erase"]["overall"]["sim_changed"]
-    copy = results["methods"]["copy"]["overall"]["sim_changed"]
-    after = grpo["sim_changed"]
-    change = "raised" if (after or 0) > (sft["sim_changed"] or 0) else "lowered"
-    return (f"Flow-GRPO {change} changed-pixel agreement from {_fmt(sft['sim_changed'])} to {_fmt(after)}; the final "
-            f"model is {cmp(after, copy)} the copy baseline and {cmp(after, erase)} the erase baseline. Look at the "
-            f"grid below before trusting any number: at tiny scale the edits may not be recognisable yet.")
+    def ins(name: str) -> tuple[float, float, float]:
+        ci = methods[name]["overall"]["ci"]["ins"]
+        return ci["mean"] or 0.0, ci["lo"] or 0.0, ci["hi"] or 0.0
+
+    def compare(a: str, b: str, what: str) -> str:
+        (ma, la, ha), (mb, lb, hb) = ins(a), ins(b)
+        if la > hb:
+            return f"{what} raised Ins from {mb:.2f} to {ma:.2f} (intervals apart)"
+        if ha < lb:
+            return f"{what} lowered Ins from {mb:.2f} to {ma:.2f} (intervals apart)"
+        return f"{what} made no difference we can see on Ins ({mb:.2f} vs {ma:.2f}, overlapping intervals)"
+
+    nocot, sft, grpo = names
+    erase = methods["erase"]["overall"]["sim_changed"] or 0.0
+    best = max((sft, grpo), key=lambda n: methods[n]["overall"]["sim_changed"] or 0.0)
+    edits = ("its edits beat erasing the edited region on changed pixels"
+             if (methods[best]["overall"]["sim_changed"] or 0.0) > erase else
+             "its edits do not yet beat simply erasing the edited region on changed pixels")
+    return (f"{compare(sft, nocot, 'Meta-CoT (vs no CoT)')}; {compare(grpo, sft, 'Flow-GRPO (vs SFT)')}; "
+            f"{edits}. Look at the grid before trusting any number.")
 
 
-def _cot_note(out: Path, q: Any, grpo_rows: list[dict[str, Any]], names: tuple[str, str]) -> str:
+def _paper_table(results: dict[str, Any], names: tuple[str, ...]) -> str:
+    """The paper's columns (metacot.eval.scene_metrics) with 95 % bootstrap intervals, one row per method."""
+    cols = (("ins", "Ins"), ("con", "Con"), ("nat", "Nat"), ("art", "Art"), ("cot_acc", "CoT acc"))
+    rows = []
+    for m in ("copy", "erase", *names):
+        ci = results["methods"][m]["overall"]["ci"]
+        cells = "".join(f"<td>{_fmt(ci[k]['mean'])} [{_fmt(ci[k]['lo'])}, {_fmt(ci[k]['hi'])}]</td>"
+                        if k in ci and ci[k]["mean"] is not None else "<td>–</td>" for k, _ in cols)
+        rows.append(f"<tr><td>{html.escape(m)}</td>{cells}</tr>")
+    head = "".join(f"<th>{label}</th>" for _, label in cols)
+    return (f"<p class=note>Ins: every changed object ended as the ground truth says; Con: every other object kept; "
+            f"Nat / Art: palette statistics against the target; CoT acc: the written Meta-CoT's meta-tasks, targets "
+            f"and traversal match (README, Evaluation columns).</p><table><tr><th>method</th>{head}</tr>"
+            f"{''.join(rows)}</table>")
+
+
+def _cot_note(out: Path, q: Any, grpo_rows: list[dict[str, Any]], names: tuple[str, ...]) -> str:
     """Which Meta-CoT the GRPO rollouts and each eval table used, and how many written ones did not parse."""
     from metacot.cot import parse_lenient
 
@@ -143,10 +173,10 @@ def write_report(out: Path, q: Any, stages: list[dict[str, Any]], total_s: float
     evals = [r for r in grpo_rows if "eval_reward" in r]
     from metacot.eval.runner import method_label
 
-    names = (method_label("sft", q.cot_source), method_label("grpo", q.cot_source))
-    sft_o, grpo_o = results["methods"][names[0]]["overall"], results["methods"][names[1]]["overall"]
+    names = ("sft_nocot", method_label("sft", q.cot_source), method_label("grpo", q.cot_source))
+    sft_o, grpo_o = results["methods"][names[1]]["overall"], results["methods"][names[2]]["overall"]
     first_ids = [json.loads(x)["id"] for x in (out / "eval" / "samples.jsonl").read_text().splitlines()
-                 if json.loads(x)["method"] == names[1]][:8]
+                 if json.loads(x)["method"] == names[2]][:8]
     timing = "".join(f"<tr><td>{s['stage']}</td><td>{s['seconds']:.0f} s{' (reused)' if s['reused'] else ''}</td>"
                      f"</tr>" for s in stages)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>metacot quickstart report</title>
@@ -158,18 +188,19 @@ overflow-x:auto;font-size:85%}} .warn{{background:#fff4e0;padding:8px;border-lef
 <body><h1>metacot quickstart</h1>
 <p>Tiny models on {html.escape(q.device)} at {q.resolution} px, seed {q.seed}: {q.samples} synthetic edits, SFT
 {q.sft_steps} steps, Flow-GRPO {q.grpo_iterations} iterations (window of {q.window_size} within the first
-{q.window_max} of {q.rollout_steps} steps), evaluated on {results['methods'][names[1]]['n']} held-out test edits.
+{q.window_max} of {q.rollout_steps} steps), evaluated on {results['methods'][names[2]]['n']} held-out test edits.
 Total {total_s / 60:.1f} min.</p>
 <h2>Before vs after (held-out test split, ground truth)</h2>
 <p>Changed-pixel agreement: SFT {_fmt(sft_o['sim_changed'])} → GRPO {_fmt(grpo_o['sim_changed'])}; kept pixels
 {_fmt(sft_o['sim_kept'])} → {_fmt(grpo_o['sim_kept'])}; whole image {_fmt(sft_o['sim'])} → {_fmt(grpo_o['sim'])}.
 Baselines: copy {_fmt(results['methods']['copy']['overall']['sim_changed'])}, erase
 {_fmt(results['methods']['erase']['overall']['sim_changed'])} (changed pixels).</p>
-<p><b>{html.escape(_verdict(sft_o, grpo_o, results))}</b></p>
-{_cot_note(out, q, grpo_rows, names)}
+<p><b>{html.escape(_verdict(results, names))}</b></p>
+{_paper_table(results, names)}
+{_cot_note(out, q, grpo_rows, names[1:])}
 {_table(results, 'sim_changed', names)}
 {_table(results, 'sim_kept', names)}
-<h3>Same test prompts: source | SFT | GRPO | ground truth</h3>{_img(_grid(out, first_ids, names), out, 'grid')}
+<h3>Same test prompts: source | no-CoT SFT | Meta-CoT SFT | GRPO | ground truth</h3>{_img(_grid(out, first_ids, names), out, 'grid')}
 <h2>Stage 1 SFT: losses</h2>{_img(out / 'sft' / 'report' / 'loss.png', out, 'SFT loss curves')}
 <h2>Stage 2 Flow-GRPO: training reward beside the held-out measure</h2>
 <p class=note>reward_mean is the CEC rule judge on rollouts (what RL optimises); eval_reward and eval_target_similarity

@@ -40,13 +40,15 @@ def test_reduced_quickstart(tiny_models, session_dir: Path, tmp_path: Path) -> N
     q = load_config(QuickstartConfig, "quickstart", [f"out={out}", *REDUCED])
     report = run_quickstart(q)
     for path in ("data/manifest.json", "sft/final/model_index.json", "sft/report/loss.png",
+                 "sft_nocot/final/metacot.json",
                  "calibration/calibration.json", "calibration/scatter.png", "grpo/final/model_index.json",
                  "grpo/gate.json", "grpo/report/reward.png", "export/pipeline/model_index.json",
                  "export/understanding", "export/README.md", "export/metacot.json", "eval/results.json",
                  "eval/table.md", "timings.json"):
         assert (out / path).exists(), path
     results = json.loads((out / "eval" / "results.json").read_text())
-    assert {"copy", "erase", "sft", "grpo"} <= set(results["methods"])
+    assert {"copy", "erase", "sft_nocot", "sft", "grpo"} <= set(results["methods"])
+    assert json.loads((out / "sft_nocot" / "final" / "metacot.json").read_text())["no_cot"] is True
     assert json.loads((out / "calibration" / "calibration.json").read_text())["simulated"] is True
     page = report.read_text()
     images = re.findall(r'<img src="([^"]+)"', page)
@@ -59,6 +61,9 @@ def test_reduced_quickstart(tiny_models, session_dir: Path, tmp_path: Path) -> N
     assert "cot_unparsed" in json.loads((out / "grpo" / "metrics.jsonl").read_text().splitlines()[-1])
     rows = [json.loads(x) for x in (out / "eval" / "samples.jsonl").read_text().splitlines()]
     assert {r["cot_source"] for r in rows if r["method"] in ("sft", "grpo")} == {"model"}
+    assert {r["cot_source"] for r in rows if r["method"] == "sft_nocot"} == {"none"}
+    # The verdict compares Meta-CoT with no CoT and RL with SFT in plain words.
+    assert "Meta-CoT (vs no CoT)" in page and "Flow-GRPO (vs SFT)" in page and "CoT acc" in page
     env_clean = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out / "export" / "pipeline")],
                                capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert env_clean.returncode == 0, env_clean.stderr[-2000:]
