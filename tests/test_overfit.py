@@ -6,23 +6,25 @@ samples were noise at loss_gen 0.6-0.8 while every loss-based test passed). The 
 
 - CoTs: all 8 greedy decodes equal the dataset's rendered Meta-CoT, character for character.
 - Edits, sampled by ``metacot eval`` (16 ODE steps, CFG 1, the model writing its own CoT): mean PSNR against the
-  target within ``PSNR_GAP_DB`` of the tiny VAE's own round trip of the targets (the ceiling no generator can pass)
-  and above the copy baseline by ``COPY_MARGIN_DB``; instruction following (``ins``, metacot.eval.scene_metrics) on
-  at least 6 of the 8 edits, consistency (``con``) on at least 6; the identity edit keeps the source.
+  target within ``PSNR_GAP_DB`` of the tiny VAE's own round trip of the targets (the ceiling no generator can pass;
+  the copy baseline's PSNR is no bound: it is exact pixels and the edits are small, so it beats any VAE output);
+  agreement on the changed pixels above the copy baseline's by ``CHANGED_MARGIN``; instruction following (``ins``,
+  metacot.eval.scene_metrics) on at least 6 of the 8 edits (copy: at most the identity edit), consistency (``con``)
+  on at least 6; the identity edit within ``PSNR_GAP_DB`` of its own ceiling.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import metrics
 
-STEPS = 600
+STEPS = 800
 PSNR_GAP_DB = 3.0
-COPY_MARGIN_DB = 0.5
+CHANGED_MARGIN = 0.05
 
 
 @pytest.mark.slow
@@ -59,15 +61,24 @@ def test_overfit_then_sample_matches_targets(tiny_models, tiny_dataset, tmp_path
     results = [json.loads(x) for x in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
     mine = {r["id"]: r for r in results if r["method"] == "sft"}
     copy = {r["id"]: r for r in results if r["method"] == "copy"}
-    ceiling_images = decode_latents(model, encode_latents(model, [s.target for s in samples]), 32, 32)
-    ceiling = sum(edit_scores(img, s.source, s.target)["psnr"] for img, s in zip(ceiling_images, samples)) / 8
+    with torch.no_grad():
+        ceiling_images = decode_latents(model, encode_latents(model, [s.target for s in samples]), 32, 32)
+    ceilings = {s.id: edit_scores(img, s.source, s.target)["psnr"] for img, s in zip(ceiling_images, samples)}
+    ceiling = sum(ceilings.values()) / 8
     psnr = sum(r["psnr"] for r in mine.values()) / 8
-    copy_psnr = sum(r["psnr"] for r in copy.values()) / 8
-    summary = {k: (r["psnr"], r["ins"], r["con"]) for k, r in mine.items()}
+    changed, copy_changed = (_mean_changed(rows) for rows in (mine, copy))
+    summary = {k: (round(r["psnr"], 2), r["ins"], r["con"]) for k, r in mine.items()}
     assert psnr >= ceiling - PSNR_GAP_DB, f"PSNR {psnr:.2f} dB vs VAE ceiling {ceiling:.2f}: {summary}"
-    assert psnr >= copy_psnr + COPY_MARGIN_DB, f"PSNR {psnr:.2f} dB vs copy {copy_psnr:.2f}: {summary}"
+    assert changed >= copy_changed + CHANGED_MARGIN, f"changed pixels {changed:.3f} vs copy {copy_changed:.3f}"
     assert sum(r["ins"] for r in mine.values()) >= 6, summary
+    assert sum(r["ins"] for r in copy.values()) <= 1, "the copy baseline must fail Ins on every real edit"
     assert sum(r["con"] for r in mine.values()) >= 6, summary
-    identity = next(r for k, r in mine.items() if k.endswith("_identity"))
-    assert identity["ins"] == 1 and identity["con"] == 1, identity
-    assert Path(tmp_path / "eval" / identity["image"]).is_file()
+    identity_id, identity = next((k, r) for k, r in mine.items() if k.endswith("_identity"))
+    assert identity["psnr"] >= ceilings[identity_id] - PSNR_GAP_DB, (identity, ceilings[identity_id])
+    assert (tmp_path / "eval" / identity["image"]).is_file()
+
+
+def _mean_changed(rows: dict) -> float:
+    """Mean agreement on the changed pixels (the identity edit changes none: its value is NaN and left out)."""
+    values = [r["sim_changed"] for r in rows.values() if r["sim_changed"] == r["sim_changed"]]
+    return sum(values) / len(values)
