@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "edit": ("metacot.export.edit", "edit an image: write the Meta-CoT, then edit conditioned on it"),
     "eval": ("metacot.eval.cli", "evaluate edits against ground truth and baselines"),
     "launch": ("metacot.launch_cli", "render and submit SLURM jobs (DeepSpeed, judge nodes, preemption-safe)"),
-    "experiment": ("metacot.experiments.cli", "experiments from the stages: ablation (the paper's ablation, miniature)"),
+    "experiment": ("metacot.experiments.cli", "the paper's ablation grid in miniature (ablation)"),
     "quickstart": ("metacot.quickstart", "the whole pipeline end to end on tiny models (CPU) or bigger (GPU)"),
 }
 

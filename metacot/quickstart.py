@@ -12,7 +12,7 @@ command is run again, so an interrupted quickstart resumes):
 5. ``grpo``: Stage 2 Flow-GRPO on early steps with the CEC rule reward (the calibration gate applies to VLM judges);
    the SFT model's understanding expert writes each prompt's Meta-CoT (``cot_source``; ``oracle``: the dataset's);
 6. ``export``: the aligned checkpoint as plain diffusers + transformers folders, verified in a fresh process;
-7. ``eval``: no-CoT vs Meta-CoT SFT vs GRPO, each writing its own Meta-CoT, on the held-out test split against the copy and erase baselines, each
+7. ``eval``: the no-CoT baseline, SFT and GRPO on the held-out test split against the copy and erase baselines, each
    model conditioned on the Meta-CoT its own understanding expert writes (``cot_source=oracle``: the dataset's; the
    rows are then named "sft (oracle CoT)", "grpo (oracle CoT)");
 8. ``report``: ``OUT/report/index.html``.

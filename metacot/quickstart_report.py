@@ -200,7 +200,8 @@ Baselines: copy {_fmt(results['methods']['copy']['overall']['sim_changed'])}, er
 {_cot_note(out, q, grpo_rows, names[1:])}
 {_table(results, 'sim_changed', names)}
 {_table(results, 'sim_kept', names)}
-<h3>Same test prompts: source | no-CoT SFT | Meta-CoT SFT | GRPO | ground truth</h3>{_img(_grid(out, first_ids, names), out, 'grid')}
+<h3>Same test prompts: source | no-CoT SFT | Meta-CoT SFT | GRPO | ground truth</h3>
+{_img(_grid(out, first_ids, names), out, 'grid')}
 <h2>Stage 1 SFT: losses</h2>{_img(out / 'sft' / 'report' / 'loss.png', out, 'SFT loss curves')}
 <h2>Stage 2 Flow-GRPO: training reward beside the held-out measure</h2>
 <p class=note>reward_mean is the CEC rule judge on rollouts (what RL optimises); eval_reward and eval_target_similarity

@@ -10,7 +10,8 @@ samples were noise at loss_gen 0.6-0.8 while every loss-based test passed). The 
   the copy baseline's PSNR is no bound: it is exact pixels and the edits are small, so it beats any VAE output);
   agreement on the changed pixels above the copy baseline's by ``CHANGED_MARGIN``; instruction following (``ins``,
   metacot.eval.scene_metrics) on at least 6 of the 8 edits (copy: at most the identity edit), consistency (``con``)
-  on at least 5 (measured 6 of 8, Ins 8 of 8, at 800 steps on CPU); the identity edit within ``PSNR_GAP_DB`` of its own ceiling.
+  on at least 5 (measured 6 of 8, Ins 8 of 8, at 800 steps on CPU); the identity edit within ``PSNR_GAP_DB`` of
+  its own ceiling.
 """
 
 from __future__ import annotations
