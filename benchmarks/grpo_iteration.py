@@ -95,7 +95,8 @@ def make_config(args: argparse.Namespace, v: dict[str, str], out: str) -> Any:
     size, wmax = WINDOWS[v["window"]]
     area = 0 if v["src"] == "out" else source_area(args, int(v["src"]))
     return GRPOConfig(
-        model="in-code", output_dir=out, data=GRPOData(train="in-code", resolution=args.resolution, source_area=area),
+        model="in-code", output_dir=out, data=GRPOData(train="in-code", resolution=args.resolution, source_area=area,
+                                                          cot_source="oracle"),  # conditions are stubbed
         train=TrainConfig(max_steps=10_000, deepspeed="none", device="auto",
                           mixed_precision="bf16" if args.adapters == "fp32-autocast" else "no",
                           wandb_mode="disabled", progress=False, resume=False),

@@ -46,7 +46,9 @@ def make_config(args: argparse.Namespace, rank: int, ckpt_all: bool, micro: int,
     precision = "bf16" if args.adapters == "fp32-autocast" else "no"
     return SFTConfig(
         model="in-code", output_dir=out,
-        data=SFTData(train="in-code", resolution=args.resolution, understanding_ratio=0.0),
+        # preprocess=False: the benchmark stubs the processor and the encoders (common.Stubs), so there is nothing
+        # to cache; the step's own device work is what it times.
+        data=SFTData(train="in-code", resolution=args.resolution, understanding_ratio=0.0, preprocess=False),
         train=TrainConfig(max_steps=10_000, deepspeed="none", device="auto", mixed_precision=precision,
                           wandb_mode="disabled", progress=False, resume=False),
         understanding=ExpertConfig(mode="frozen"),

@@ -232,7 +232,7 @@ def build_inputs(state: SFTState, edits: list[EditSample], und: list[Understandi
     cfg, base, dev = state.cfg, state.base, state.device
     experts = _unwrapped(state)
     cached = cfg.data.preprocess
-    tok = base.processor.tokenizer
+    tok = base.processor.tokenizer if cached else None  # uncached: the benchmarks stub the processor
     lm = None
     if _lm_loss(cfg):
         chats = [s for s in edits if not cfg.no_cot] + list(und)
