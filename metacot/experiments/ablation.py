@@ -178,22 +178,24 @@ def run_sft_arms(q: AblationConfig, out: Path, arms: list[str]) -> dict[str, flo
             _sft(q, out, arm)
             seconds[arm] = time.perf_counter() - t0
         return seconds
-    running: list[tuple[str, subprocess.Popen, float]] = []
+    running: list[tuple[str, subprocess.Popen, Any, float]] = []
     failed = []
     queue = list(todo)
     while queue or running:
         while queue and len(running) < q.parallel:
             arm = queue.pop(0)
-            log = (out / "arms" / arm / "sft.log")
+            log = out / "arms" / arm / "sft.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "metacot.experiments.ablation", "--sft-arm", arm, "--config",
                    str(out / "ablation.yaml")]
-            running.append((arm, subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                                  env=os.environ.copy()), time.perf_counter()))
+            handle = open(log, "w")
+            proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=os.environ.copy())
+            running.append((arm, proc, handle, time.perf_counter()))
         for item in list(running):
-            arm, proc, t0 = item
+            arm, proc, handle, t0 = item
             if proc.poll() is not None:
                 running.remove(item)
+                handle.close()
                 seconds[arm] = time.perf_counter() - t0
                 if proc.returncode:
                     failed.append(arm)
