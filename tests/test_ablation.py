@@ -67,7 +67,9 @@ def test_toy_preset_runs_every_arm_end_to_end(tiny_models, tmp_path) -> None:
     from metacot.experiments.ablation import main
 
     out = tmp_path / "abl"
-    assert main(["--preset", "toy", f"out={out}", f"models={tiny_models.pipeline}"]) == 0
+    # parallel=2: the Stage 1 arms run as worker processes, as on a GPU.
+    assert main(["--preset", "toy", f"out={out}", f"models={tiny_models.pipeline}", "parallel=2"]) == 0
+    assert all("sft done" in (out / "arms" / a / "sft.log").read_text() for a in "abcde")
     page = (out / "report" / "index.html").read_text()
     assert "Train-Editing-Only" in page and "oracle" in page  # the page says no table uses the oracle CoT
     for split in ("single", "composed"):
