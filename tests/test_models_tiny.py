@@ -167,3 +167,39 @@ def test_bad_resolution_and_arch_are_refused(tmp_path: Path, tokenizer: Any) -> 
     with pytest.raises(tiny.TinyBuildError, match="unknown tiny VLM arch"):
         tiny.make_tiny_vlm(tokenizer, arch="llava")
     assert not (tmp_path / "p").exists()
+
+
+def test_mini_size_reuses_the_trained_vae_and_loads_through_the_library(tiny_models: TinyModels, tmp_path: Path) -> None:
+    from diffusers import AutoencoderKLQwenImage
+    from transformers import AutoProcessor
+
+    from metacot.models.cli import main
+    from metacot.models.loading import load_editing_model
+
+    assert main(["tiny", "--out", str(tmp_path / "m"), "--size", "mini", "--vae-from", str(tiny_models.pipeline)]) == 0
+    pipeline = tmp_path / "m" / "pipeline"
+    model = load_editing_model(pipeline)
+    size = tiny.MODEL_SIZES["mini"]
+    assert model.vlm.config.text_config.hidden_size == size.vlm_hidden == model.transformer.config.joint_attention_dim
+    assert model.transformer.config.num_layers == size.dit_layers
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in (("vlm", model.vlm), ("dit", model.transformer))}
+    assert all(n > 2_000_000 for n in params.values()), params  # tiny: about 0.4 M each
+    reused, original = (AutoencoderKLQwenImage.from_pretrained(p / "vae").state_dict()
+                        for p in (pipeline, tiny_models.pipeline))
+    assert all(torch.equal(t, original[k]) for k, t in reused.items())
+    assert json.loads((pipeline / "vae_report.json").read_text())["reused_from"] == str(tiny_models.pipeline)
+    # The mini VLM sees a 32 px scene as 16 tokens (8 x 8 px each), the tiny one as 4.
+    grids = [AutoProcessor.from_pretrained(p / "processor").image_processor(
+        images=[Image.new("RGB", (32, 32))], return_tensors="pt")["image_grid_thw"][0].tolist()
+        for p in (pipeline, tiny_models.pipeline)]
+    assert grids == [[1, 8, 8], [1, 4, 4]]
+
+
+def test_unknown_size_and_a_vae_of_another_resolution_are_refused(tiny_models: TinyModels, tmp_path: Path) -> None:
+    with pytest.raises(tiny.TinyBuildError, match="unknown model size 'huge'"):
+        tiny.build_tiny_editing_model(tmp_path / "p", size="huge")
+    with pytest.raises(tiny.TinyBuildError, match="trained at 32 px, not 64"):
+        tiny.build_tiny_editing_model(tmp_path / "p", resolution=64, vae_from=tiny_models.pipeline)
+    with pytest.raises(tiny.TinyBuildError, match="no vae/ and vae_report.json"):
+        tiny.build_tiny_editing_model(tmp_path / "p", vae_from=tmp_path)
+    assert not (tmp_path / "p").exists()

@@ -2,7 +2,8 @@
 
 Subcommand:
 
-- ``metacot models tiny --out DIR [--resolution 32] [--seed 0] [--overwrite]`` writes
+- ``metacot models tiny --out DIR [--resolution 32] [--seed 0] [--size tiny|mini] [--vae-from PIPELINE] [--overwrite]``
+  writes
 
   - ``DIR/pipeline``: a ``QwenImageEditPipeline`` folder (``DiffusionPipeline.from_pretrained`` /
     ``metacot.models.load_editing_model``). Its ``text_encoder/`` + ``processor/`` are the tiny Qwen2.5-VL and load
@@ -34,10 +35,16 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("--resolution", type=int, default=32, help="scene side the VAE is trained on (default 32)")
     tiny.add_argument("--seed", type=int, default=0, help="seed of every random component (default 0)")
     tiny.add_argument("--overwrite", action="store_true", help="replace existing pipeline/ and vlm/ folders")
+    tiny.add_argument("--size", default="tiny", help="widths and depths: tiny (tests, CPU) or mini (GPU learning runs)")
+    tiny.add_argument("--vae-from", type=Path, default=None,
+                      help="reuse the trained VAE of this pipeline folder (same resolution) instead of training one")
     return parser
 
 
-def build_tiny(out: Path, resolution: int = 32, seed: int = 0, overwrite: bool = False) -> dict[str, object]:
+def build_tiny(
+    out: Path, resolution: int = 32, seed: int = 0, overwrite: bool = False, size: str = "tiny",
+    vae_from: Path | None = None,
+) -> dict[str, object]:
     """Build ``out/pipeline`` and ``out/vlm``; return the facts the command prints.
 
     Raises:
@@ -53,8 +60,9 @@ def build_tiny(out: Path, resolution: int = 32, seed: int = 0, overwrite: bool =
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} already exists; pass --overwrite to replace it or choose another --out")
     start = time.perf_counter()
-    build_tiny_editing_model(pipeline_dir, resolution=resolution, seed=seed, overwrite=overwrite)
-    build_tiny_vlm(vlm_dir, arch="qwen2_5_vl", seed=seed, overwrite=overwrite)
+    build_tiny_editing_model(pipeline_dir, resolution=resolution, seed=seed, overwrite=overwrite, size=size,
+                             vae_from=vae_from)
+    build_tiny_vlm(vlm_dir, arch="qwen2_5_vl", seed=seed, overwrite=overwrite, size=size)
     report = json.loads((pipeline_dir / "vae_report.json").read_text())
     return {
         "pipeline": str(pipeline_dir), "vlm": str(vlm_dir), "build_seconds": round(time.perf_counter() - start, 1),
@@ -68,7 +76,7 @@ def main(argv: list[str]) -> int:
     """Entry of ``metacot models``; returns the exit code."""
     args = _parser().parse_args(argv)
     try:
-        facts = build_tiny(args.out, args.resolution, args.seed, args.overwrite)
+        facts = build_tiny(args.out, args.resolution, args.seed, args.overwrite, args.size, args.vae_from)
     except (FileExistsError, ValueError, RuntimeError) as exc:
         print(f"metacot models {args.command}: {exc}", file=sys.stderr)
         return 1

@@ -28,6 +28,7 @@ import functools
 import json
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -251,8 +252,12 @@ def build_tiny_tokenizer(out_dir: str | Path, *, overwrite: bool = False) -> Pat
 # ---------------------------------------------------------------------------------------------------------------------
 # VLM
 # ---------------------------------------------------------------------------------------------------------------------
-def make_tiny_processor(tokenizer: Any, arch: Arch = "qwen2_5_vl") -> Any:
-    """The processor of the tiny VLM: small image sizes (4 image tokens for a 32 px scene) + the tiny tokenizer."""
+def make_tiny_processor(tokenizer: Any, arch: Arch = "qwen2_5_vl", min_pixels: int = 0) -> Any:
+    """The processor of the tiny VLM: small image sizes (4 image tokens for a 32 px scene) + the tiny tokenizer.
+
+    ``min_pixels`` (0: :data:`TINY_IMAGE_MIN_PIXELS`) is the area small images are enlarged to: 12,544 = 112^2 gives a
+    32 px scene 16 image tokens (one per 8 x 8 px), the ``mini`` size's.
+    """
     from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import (
         Qwen2VLImageProcessor,
@@ -261,7 +266,7 @@ def make_tiny_processor(tokenizer: Any, arch: Arch = "qwen2_5_vl") -> Any:
         Qwen2VLVideoProcessor,
     )
 
-    pixels = {"min_pixels": TINY_IMAGE_MIN_PIXELS, "max_pixels": TINY_IMAGE_MAX_PIXELS}
+    pixels = {"min_pixels": min_pixels or TINY_IMAGE_MIN_PIXELS, "max_pixels": TINY_IMAGE_MAX_PIXELS}
     processor_cls = {"qwen2_5_vl": Qwen2_5_VLProcessor, "qwen2_vl": Qwen2VLProcessor}[_check_arch(arch)]
     # transformers refuses video_processor=None for these processors when torchvision is installed.
     return processor_cls(
@@ -276,13 +281,56 @@ def _check_arch(arch: str) -> str:
     return arch
 
 
-def make_tiny_vlm(tokenizer: Any, arch: Arch = "qwen2_5_vl", seed: int = 0) -> Any:
-    """A random tiny Qwen2.5-VL / Qwen2-VL (text hidden 64, 2 layers, 2 heads of 32, 1 kv head; vision depth 2).
+@dataclass(frozen=True)
+class ModelSize:
+    """Widths and depths of the random local models (the VAE is the same at every size)."""
+
+    vlm_hidden: int
+    vlm_layers: int
+    vlm_heads: int
+    vlm_kv_heads: int
+    vision_hidden: int
+    dit_layers: int
+    dit_heads: int
+    dit_head_dim: int
+    dit_rope: tuple[int, int, int]  # rotary axes (temporal, height, width), summing to the head size
+    vision_min_pixels: int = 0  # area small images are enlarged to (0: TINY_IMAGE_MIN_PIXELS, 4 tokens at 32 px)
+
+
+# ``tiny``: the tests', the CPU quickstart's. ``mini``: about 30x the parameters, for learning runs on one GPU (the
+# ablation's ``gpu_mini`` preset): the tiny models fit 8 edits but did not generalise to held-out scenes within 1,200
+# steps (benchmarks/NOTES.md), and on a GPU the step time is set by the host, not by these widths.
+MODEL_SIZES: dict[str, ModelSize] = {
+    "tiny": ModelSize(vlm_hidden=64, vlm_layers=2, vlm_heads=2, vlm_kv_heads=1, vision_hidden=64,
+                      dit_layers=2, dit_heads=4, dit_head_dim=16, dit_rope=(8, 4, 4)),
+    "mini": ModelSize(vlm_hidden=256, vlm_layers=4, vlm_heads=4, vlm_kv_heads=2, vision_hidden=128,
+                      dit_layers=6, dit_heads=4, dit_head_dim=32, dit_rope=(8, 12, 12),
+                      vision_min_pixels=112 * 112),
+}
+
+
+def model_size(name: str) -> ModelSize:
+    if name not in MODEL_SIZES:
+        raise TinyBuildError(f"unknown model size {name!r}; use one of {sorted(MODEL_SIZES)}")
+    return MODEL_SIZES[name]
+
+
+def _rope_split(head_dim: int) -> list[int]:
+    """Rotary frequencies (head_dim / 2) split over (temporal, height, width) as Qwen does (1 : 1.5 : 1.5)."""
+    t = head_dim // 8
+    hw = (head_dim // 2 - t) // 2
+    return [head_dim // 2 - 2 * hw, hw, hw]
+
+
+def make_tiny_vlm(tokenizer: Any, arch: Arch = "qwen2_5_vl", seed: int = 0, size: str = "tiny") -> Any:
+    """A random small Qwen2.5-VL / Qwen2-VL (``tiny``: text hidden 64, 2 layers, 2 heads of 32, 1 kv head; vision
+    depth 2; ``mini``: see :data:`MODEL_SIZES`).
 
     Args:
         tokenizer: the tiny tokenizer (its special token ids go into the config).
         arch: ``"qwen2_5_vl"`` (the edit pipeline's text encoder) or ``"qwen2_vl"``.
         seed: initialisation seed (the caller's torch RNG state is left untouched).
+        size: a key of :data:`MODEL_SIZES`.
 
     Returns:
         A float32 ``Qwen2_5_VLForConditionalGeneration`` / ``Qwen2VLForConditionalGeneration`` in eval mode.
@@ -296,11 +344,13 @@ def make_tiny_vlm(tokenizer: Any, arch: Arch = "qwen2_5_vl", seed: int = 0) -> A
     )
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    z = model_size(size)
     text = {
-        "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 4096,
-        # head size 32 -> 16 rotary frequencies split over (temporal, height, width) as Qwen does (1 : 1.5 : 1.5).
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
+        "vocab_size": len(tokenizer), "hidden_size": z.vlm_hidden, "intermediate_size": 2 * z.vlm_hidden,
+        "num_hidden_layers": z.vlm_layers, "num_attention_heads": z.vlm_heads, "num_key_value_heads": z.vlm_kv_heads,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                            "mrope_section": _rope_split(z.vlm_hidden // z.vlm_heads)},
         "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
     }
     special = {
@@ -309,7 +359,8 @@ def make_tiny_vlm(tokenizer: Any, arch: Arch = "qwen2_5_vl", seed: int = 0) -> A
     }
     if _check_arch(arch) == "qwen2_5_vl":
         vision = {
-            "depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "out_hidden_size": 64,
+            "depth": 2, "hidden_size": z.vision_hidden, "intermediate_size": 2 * z.vision_hidden, "num_heads": 2,
+            "out_hidden_size": z.vlm_hidden,
             "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
             "fullatt_block_indexes": [1],
         }
@@ -317,7 +368,8 @@ def make_tiny_vlm(tokenizer: Any, arch: Arch = "qwen2_5_vl", seed: int = 0) -> A
         model_cls = Qwen2_5_VLForConditionalGeneration
     else:
         vision = {
-            "depth": 2, "embed_dim": 64, "hidden_size": 64, "mlp_ratio": 2, "num_heads": 2, "patch_size": 14,
+            "depth": 2, "embed_dim": z.vision_hidden, "hidden_size": z.vlm_hidden, "mlp_ratio": 2, "num_heads": 2,
+            "patch_size": 14,
             "spatial_merge_size": 2, "temporal_patch_size": 2,
         }
         config = Qwen2VLConfig(text_config=text, vision_config=vision, **special)
@@ -332,7 +384,9 @@ def make_tiny_vlm(tokenizer: Any, arch: Arch = "qwen2_5_vl", seed: int = 0) -> A
     return model
 
 
-def build_tiny_vlm(out_dir: str | Path, arch: Arch = "qwen2_5_vl", seed: int = 0, *, overwrite: bool = False) -> Path:
+def build_tiny_vlm(
+    out_dir: str | Path, arch: Arch = "qwen2_5_vl", seed: int = 0, *, overwrite: bool = False, size: str = "tiny",
+) -> Path:
     """Write a tiny VLM folder: model (safetensors) + processor + tokenizer + chat template, all in one folder.
 
     Args:
@@ -340,6 +394,7 @@ def build_tiny_vlm(out_dir: str | Path, arch: Arch = "qwen2_5_vl", seed: int = 0
         arch: ``"qwen2_5_vl"`` or ``"qwen2_vl"``.
         seed: initialisation seed.
         overwrite: replace an existing folder.
+        size: a key of :data:`MODEL_SIZES`.
 
     Returns:
         ``out_dir``; load it with ``AutoModelForImageTextToText.from_pretrained`` + ``AutoProcessor.from_pretrained``
@@ -347,10 +402,11 @@ def build_tiny_vlm(out_dir: str | Path, arch: Arch = "qwen2_5_vl", seed: int = 0
     """
     out_dir = Path(out_dir)
     tokenizer = make_tiny_tokenizer()
-    model = make_tiny_vlm(tokenizer, arch, seed)
-    with atomic_dir(out_dir, overwrite=overwrite, meta={"kind": "tiny_vlm", "arch": arch, "seed": seed}) as tmp:
+    model = make_tiny_vlm(tokenizer, arch, seed, size)
+    meta = {"kind": "tiny_vlm", "arch": arch, "seed": seed, "size": size}
+    with atomic_dir(out_dir, overwrite=overwrite, meta=meta) as tmp:
         model.save_pretrained(tmp)
-        make_tiny_processor(tokenizer, arch).save_pretrained(tmp)
+        make_tiny_processor(tokenizer, arch, model_size(size).vision_min_pixels).save_pretrained(tmp)
     return out_dir
 
 
@@ -366,28 +422,30 @@ QWEN_IMAGE_SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
-def make_tiny_transformer(joint_attention_dim: int, latent_channels: int, seed: int = 0) -> Any:
-    """A random tiny ``QwenImageTransformer2DModel``: 2 double-stream blocks, 4 heads of 16 (inner width 64).
+def make_tiny_transformer(joint_attention_dim: int, latent_channels: int, seed: int = 0, size: str = "tiny") -> Any:
+    """A random small ``QwenImageTransformer2DModel`` (``tiny``: 2 double-stream blocks, 4 heads of 16, inner width 64).
 
     Args:
         joint_attention_dim: the VLM's hidden size (the condition width).
         latent_channels: VAE latent channels; packed 2x2 tokens have 4x as many (the real model: 16 -> 64).
         seed: initialisation seed (the caller's RNG state is left untouched).
+        size: a key of :data:`MODEL_SIZES`.
     """
     from diffusers import QwenImageTransformer2DModel
 
+    z = model_size(size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return QwenImageTransformer2DModel(
-            patch_size=2, in_channels=4 * latent_channels, out_channels=latent_channels, num_layers=2,
-            attention_head_dim=16, num_attention_heads=4, joint_attention_dim=joint_attention_dim,
-            axes_dims_rope=(8, 4, 4),  # sums to the head size; (temporal, height, width) as on the real model
+            patch_size=2, in_channels=4 * latent_channels, out_channels=latent_channels, num_layers=z.dit_layers,
+            attention_head_dim=z.dit_head_dim, num_attention_heads=z.dit_heads,
+            joint_attention_dim=joint_attention_dim, axes_dims_rope=z.dit_rope,
         ).eval()
 
 
 def build_tiny_editing_model(
     out_dir: str | Path, resolution: int = 32, seed: int = 0, *, overwrite: bool = False,
-    vae_steps: int | None = None,
+    vae_steps: int | None = None, size: str = "tiny", vae_from: str | Path | None = None,
 ) -> Path:
     """Write a tiny ``QwenImageEditPipeline`` folder with a briefly trained VAE and its ``vae_report.json``.
 
@@ -397,6 +455,9 @@ def build_tiny_editing_model(
         seed: seed of every random component (VLM, transformer, VAE init, VAE training data).
         overwrite: replace an existing folder.
         vae_steps: VAE training steps (default :data:`metacot.models.tiny_vae.DEFAULT_STEPS`).
+        size: widths and depths of the VLM and the MMDiT, a key of :data:`MODEL_SIZES`.
+        vae_from: a pipeline folder built here before, at the same resolution: its trained VAE and ``vae_report.json``
+            are reused instead of training a new one (minutes on a CPU).
 
     Returns:
         ``out_dir``; ``DiffusionPipeline.from_pretrained(out_dir)`` gives a ``QwenImageEditPipeline``, and
@@ -404,7 +465,7 @@ def build_tiny_editing_model(
 
     Raises:
         TinyBuildError: ``resolution`` is not a positive multiple of 8 (the VAE downsamples by 4 and latents are packed
-            in 2x2 patches).
+            in 2x2 patches), ``size`` is unknown, or ``vae_from`` has no VAE trained at ``resolution``.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline
 
@@ -413,19 +474,39 @@ def build_tiny_editing_model(
     if resolution <= 0 or resolution % 8:
         raise TinyBuildError(f"resolution={resolution}: must be a positive multiple of 8 (VAE /4 x 2x2 packing)")
     out_dir = Path(out_dir)
+    model_size(size)
     start = time.perf_counter()
     tokenizer = make_tiny_tokenizer()
-    vlm = make_tiny_vlm(tokenizer, "qwen2_5_vl", seed)
-    vae, report = tiny_vae.train_tiny_vae(resolution=resolution, seed=seed, steps=vae_steps)
-    transformer = make_tiny_transformer(vlm.config.text_config.hidden_size, vae.config.z_dim, seed)
+    vlm = make_tiny_vlm(tokenizer, "qwen2_5_vl", seed, size)
+    if vae_from is None:
+        vae, report = tiny_vae.train_tiny_vae(resolution=resolution, seed=seed, steps=vae_steps)
+    else:
+        vae, report = _reused_vae(Path(vae_from), resolution)
+    transformer = make_tiny_transformer(vlm.config.text_config.hidden_size, vae.config.z_dim, seed, size)
     pipe = QwenImageEditPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER_CONFIG), vae=vae, text_encoder=vlm,
         # Qwen2VLProcessor, as in the real Qwen-Image-Edit folder (images are processed the same way for Qwen2.5-VL).
-        tokenizer=tokenizer, processor=make_tiny_processor(tokenizer, "qwen2_vl"), transformer=transformer,
+        tokenizer=tokenizer, transformer=transformer,
+        processor=make_tiny_processor(tokenizer, "qwen2_vl", model_size(size).vision_min_pixels),
     )
-    meta = {"kind": "tiny_editing_model", "resolution": resolution, "seed": seed}
+    meta = {"kind": "tiny_editing_model", "resolution": resolution, "seed": seed, "size": size}
     with atomic_dir(out_dir, overwrite=overwrite, meta=meta) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         report["build_seconds"] = round(time.perf_counter() - start, 2)
         (tmp / "vae_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return out_dir
+
+
+def _reused_vae(pipeline_dir: Path, resolution: int) -> tuple[Any, dict[str, Any]]:
+    from diffusers import AutoencoderKLQwenImage
+
+    report_path = pipeline_dir / "vae_report.json"
+    if not (pipeline_dir / "vae").is_dir() or not report_path.is_file():
+        raise TinyBuildError(f"vae_from={pipeline_dir}: no vae/ and vae_report.json there; pass a pipeline folder "
+                             f"written by `metacot models tiny`")
+    report = json.loads(report_path.read_text())
+    if report.get("resolution") != resolution:
+        raise TinyBuildError(f"vae_from={pipeline_dir}: its VAE was trained at {report.get('resolution')} px, not "
+                             f"{resolution}; build at that resolution or train a new VAE (leave vae_from out)")
+    report = {**report, "reused_from": str(pipeline_dir)}
+    return AutoencoderKLQwenImage.from_pretrained(pipeline_dir / "vae").eval(), report
