@@ -343,6 +343,20 @@ def load_training_state(accelerator: Any, source: Path) -> dict[str, Any]:
     return json.loads((source / "trainer_state.json").read_text())
 
 
+def claim_run_folder(output_dir: str | Path) -> Any:
+    """The run folder's :class:`metacot.run.RunLock`, taken before any model loads; None on the other ranks (the
+    main rank, ``RANK`` 0, owns the folder for the whole distributed run).
+
+    Raises:
+        metacot.run.RunLockedError: another live run owns the folder.
+    """
+    from metacot.run import RunLock
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    return RunLock(output_dir).acquire()
+
+
 # -- reporting -----------------------------------------------------------------------------------------------------
 
 def plot_metrics(rows: Iterable[dict[str, Any]], keys: Sequence[str], path: Path, title: str,
