@@ -257,3 +257,31 @@ def test_a_judge_that_scores_nothing_fails_the_run_without_final(tiny_sft_run, t
     assert [(r["step"], r["scored_share"], r["unscored_iteration"], r["optimizer_step"]) for r in it] == \
         [(1, 0.0, 1, 0), (2, 0.0, 1, 0)]
     assert "loss" not in it[0], "no update on an unscored iteration"
+
+
+def test_data_check_runs_the_stage_checks(tiny_sft_run, tiny_dataset, tmp_path, capsys) -> None:
+    """`metacot data check --stage grpo` refuses the over-budget file the trainer would (same code, same file:line);
+    the plain form refuses an empty file and says it does not check budgets."""
+    from data_recipes.cli import main
+
+    def long_cot(i: int, rec: dict) -> None:
+        rec["cot"]["thinking"] = " ".join(["the red star stays exactly where it was"] * 80) if i == 2 else \
+            rec["cot"]["thinking"]
+
+    over = _copy_records(tiny_dataset / "val.jsonl", f"over-budget-{tmp_path.name}.jsonl", 3, long_cot)
+    base = [f"model={tiny_sft_run / 'final'}", f"data.train={over}", f"output_dir={tmp_path / 'r'}",
+            "data.cot_source=oracle"]
+    try:
+        assert main(["check", "--stage", "grpo", "--config", "tiny", *base]) == 1
+        assert f"{over}:3: " in capsys.readouterr().err
+        assert main(["check", str(over)]) == 0  # the file alone is valid: budgets depend on the model and run
+    finally:
+        over.unlink()
+    assert main(["check", "--stage", "grpo", "--config", "tiny", *base[:1], f"data.train={tiny_dataset / 'val.jsonl'}",
+                 f"output_dir={tmp_path / 'r'}", "data.cot_source=oracle"]) == 0
+    assert main(["check", "--stage", "sft", "--config", "tiny", *base[:1], "understanding.lora=8"]) == 2
+    assert "understanding.lora: is a group of settings" in capsys.readouterr().err
+    (tmp_path / "empty.jsonl").write_text("")
+    assert main(["check", str(tmp_path / "empty.jsonl")]) == 1
+    assert "no records" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists(), "data check writes nothing"
