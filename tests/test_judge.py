@@ -524,3 +524,19 @@ def test_default_judge_bounds_fail_a_silent_judge_within_about_a_minute() -> Non
     reward = CECJudge(url=URL, model="judge", timeout_s=judge.timeout_s, retries=judge.retries,
                       transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"data": [{"id": "judge"}]})))
     assert (reward.client.timeout_s, reward.client.retries) == (judge.timeout_s, judge.retries)
+
+
+def test_serve_takes_its_key_from_the_environment(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """`reward serve --api-key-env NAME` reads the key from the environment (it never reaches a command line:
+    test_server_command_and_environment); `--api-key K` still works and warns that `ps` shows it."""
+    from rewards.cli import build_parser, serve_api_key
+
+    parse = lambda *a: build_parser().parse_args(["serve", "--model", "m", *a])  # noqa: E731
+    monkeypatch.setenv("METACOT_TEST_JUDGE_KEY", "s3cret")
+    assert serve_api_key(parse("--api-key-env", "METACOT_TEST_JUDGE_KEY")) == "s3cret"
+    assert capsys.readouterr().err == ""
+    assert serve_api_key(parse("--api-key", "visible")) == "visible"
+    assert "ps" in capsys.readouterr().err
+    assert serve_api_key(parse()) is None
+    with pytest.raises(ValueError, match="METACOT_TEST_UNSET_KEY: that environment variable is unset"):
+        serve_api_key(parse("--api-key-env", "METACOT_TEST_UNSET_KEY"))
