@@ -160,40 +160,29 @@ def check_sft_data(
     return CheckedSFTData(path, edits, und, overlong)
 
 
-def load_sft_dataset(
-    path: str | Path,
-    *,
-    resolution: int,
-    no_cot: bool,
-    include_instruction: bool,
-    use_understanding: bool,
-    text_token_counts: Callable[[list[str]], list[int]] | None = None,
-    max_tokens: int = 512,
-    on_overlong: str = "error",
-    source_resolution: int | None = None,
-) -> SFTDataset:
-    """Load, validate (:func:`check_sft_data`) and decode the training set.
+def load_sft_dataset(path: str | Path, *, resolution: int, source_resolution: int | None = None,
+                     **checks: Any) -> SFTDataset:
+    """Load, validate (:func:`check_sft_data`, given ``checks``) and decode the training set.
 
     Args:
         path: training JSONL (``metacot.cot.schema`` records).
         resolution: square size images are resized to.
-        no_cot: no-CoT baseline (CoTs are not required and not used).
-        include_instruction: whether the generator condition holds the instruction (see ``build_prompt``).
-        use_understanding: keep understanding samples (False when the understanding expert is frozen).
-        text_token_counts: ``prompts -> text tokens`` of each condition (after the template's dropped prefix),
-            for the budget check.
-        max_tokens: text-token budget of the condition.
-        on_overlong: "error" or "skip".
         source_resolution: square size of each sample's ``context`` image, the source as the condition encoder
             and the VAE see it (None = ``resolution``: no separate copy; larger with the stock pipeline's
             one-megapixel source area, ``metacot.models.sampler.source_shape``).
+        checks: the options of :func:`check_sft_data`:
+            no_cot: no-CoT baseline (CoTs are not required and not used).
+            include_instruction: whether the generator condition holds the instruction (see ``build_prompt``).
+            use_understanding: keep understanding samples (False when the understanding expert is frozen).
+            text_token_counts: ``prompts -> text tokens`` of each condition (after the template's dropped prefix),
+                for the budget check.
+            max_tokens: text-token budget of the condition.
+            on_overlong: "error" or "skip".
 
     Raises:
         SFTDataError, metacot.cot.schema.DataError: as :func:`check_sft_data`.
     """
-    checked = check_sft_data(path, no_cot=no_cot, include_instruction=include_instruction,
-                             use_understanding=use_understanding, text_token_counts=text_token_counts,
-                             max_tokens=max_tokens, on_overlong=on_overlong)
+    checked = check_sft_data(path, **checks)
     edits = []
     for rec, cot_text, prompt in checked.edits:
         source_path = _resolve(checked.path, rec.source_image)
