@@ -266,3 +266,29 @@ def test_disk_full_save_names_the_folder_and_keeps_the_previous_checkpoint(small
     finally:
         run.close()
         release_accelerator(acc)
+
+
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
+def test_a_trainer_on_a_folder_another_process_owns_is_refused_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], stage: str
+) -> None:
+    """Both stage commands take the folder's lock first: with a real second process owning the folder, the command
+    exits 1 with one line naming that process, and nothing in the folder changed (no models were loaded: the model
+    and data paths here do not even exist)."""
+    from metacot.flow_grpo.cli import main as grpo_main
+    from metacot.sft.cli import main as sft_main
+
+    proc = _start_owner(tmp_path)
+    try:
+        before = sorted((p.name, p.stat().st_size) for p in (tmp_path / "r").iterdir())
+        main = {"sft": sft_main, "grpo": grpo_main}[stage]
+        rc = main(["--config", "tiny", f"model={tmp_path}/no-model", f"data.train={tmp_path}/no-data.jsonl",
+                   f"output_dir={tmp_path / 'r'}", "train.wandb_mode=disabled"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 1, err
+        assert f"in use by another run (pid {proc.pid} on host {socket.gethostname()}" in err
+        assert len(err.splitlines()) == 1
+        assert sorted((p.name, p.stat().st_size) for p in (tmp_path / "r").iterdir()) == before
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
