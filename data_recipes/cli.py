@@ -15,7 +15,12 @@ Subcommands:
 - ``metacot data mix --recipe RECIPE.yaml --out DIR [--overwrite]``: a weighted training mixture
   (:mod:`data_recipes.mix`).
 - ``metacot data check FILE.jsonl [...] [--no-images]``: validate record files; prints every problem as
-  ``file:line: problem``. Edit records without a Meta-CoT (imported, not yet annotated) are valid and counted.
+  ``file:line: problem``. Edit records without a Meta-CoT (imported, not yet annotated) are valid and counted; a
+  file without records is refused. Token budgets depend on the model and the run, so this form does not check them:
+- ``metacot data check --stage sft|grpo --config FILE [key=value ...]``: every check the stage runs before loading
+  its models, with the same code (``metacot.sft.data.check_inputs``, ``metacot.flow_grpo.preflight.check_inputs``):
+  the data of the config (budgets counted with the model folder's tokenizer, ``file:line`` of each record over
+  them), and for GRPO the reward specs, ``judge.url`` and the calibration gate. Nothing is written.
 
 Errors print as one line on stderr (or the problem list for ``check``) and return a non-zero exit code.
 """
@@ -83,9 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     mix.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --overwrite)")
     mix.add_argument("--overwrite", action="store_true", help="replace --out once the new mixture is complete")
 
-    check = sub.add_parser("check", help="validate JSONL record files and their images")
-    check.add_argument("files", nargs="+", type=Path)
+    check = sub.add_parser("check", help="validate JSONL record files and their images, or a stage's inputs")
+    check.add_argument("files", nargs="*", help="JSONL files; with --stage: key=value overrides of the config")
     check.add_argument("--no-images", action="store_true", help="skip opening image files")
+    check.add_argument("--stage", choices=("sft", "grpo"), help="run the stage's own checks of --config's inputs")
+    check.add_argument("--config", help="with --stage: the stage's YAML file or preset name")
     return parser
 
 
@@ -165,19 +172,57 @@ def _check(args: argparse.Namespace) -> int:
     from data_recipes.importers import load_dataset_records
     from metacot.cot.schema import DataError, EditRecord
 
+    if args.stage:
+        return _check_stage(args)
+    if not args.files:
+        print("metacot data check: name JSONL files, or --stage sft|grpo --config FILE", file=sys.stderr)
+        return 2
     failed = False
-    for path in args.files:
+    for path in map(Path, args.files):
         try:
             records = load_dataset_records(path, check_images=not args.no_images)
         except DataError as err:
             print("\n".join(err.problems), file=sys.stderr)
             failed = True
             continue
+        if not records:
+            print(f"{path}: no records; an empty file cannot train anything", file=sys.stderr)
+            failed = True
+            continue
         kinds = Counter(type(r).__name__ for r in records)
         without = sum(1 for r in records if isinstance(r, EditRecord) and r.cot is None)
         note = f"; edit records without a Meta-CoT: {without} (annotate them before SFT)" if without else ""
-        print(f"{path}: ok, {json.dumps(dict(sorted(kinds.items())))}{note}")
+        print(f"{path}: ok, {json.dumps(dict(sorted(kinds.items())))}{note}; token budgets depend on the model: "
+              f"check them with --stage sft|grpo --config FILE")
     return 1 if failed else 0
+
+
+def _check_stage(args: argparse.Namespace) -> int:
+    """The stage's own pre-model checks of a config's inputs (one line per problem, exit 1; config errors exit 2)."""
+    from metacot.config import ConfigError, load_config
+    from metacot.cot.schema import DataError
+
+    if args.stage == "sft":
+        from metacot.sft.config import SFTConfig as schema
+        from metacot.sft.data import check_inputs
+    else:
+        from metacot.flow_grpo.config import GRPOConfig as schema
+        from metacot.flow_grpo.preflight import check_inputs
+    try:
+        cfg = load_config(schema, args.config, args.files, stage=args.stage)
+        check_inputs(cfg)
+    except ConfigError as err:
+        print(f"metacot data check: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:
+        print("\n".join(err.problems), file=sys.stderr)
+        return 1
+    except (ValueError, RuntimeError, OSError) as err:  # the gate, the Stage 1 facts, the model folder
+        print(f"metacot data check: {err}", file=sys.stderr)
+        return 1
+    print(f"{args.stage} inputs of {args.config or 'the defaults'}: ok (the checks `metacot {args.stage}` runs "
+          f"before loading its models)")
+    return 0
 
 
 _COMMANDS = {"synth": _synth, "synth-hypothetical": _synth_hypothetical, "import": _import, "annotate": _served,

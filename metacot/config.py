@@ -74,12 +74,12 @@ def load_config(
     try:
         merged = OmegaConf.structured(schema)
         if config is not None:
-            merged = OmegaConf.merge(merged, OmegaConf.load(resolve_config_path(config, stage)))
+            path = resolve_config_path(config, stage)
+            merged = _merge(merged, OmegaConf.load(path), str(path))
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not key=value; write e.g. train.lr=1e-4")
-        if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+            merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override {item!r}")
         missing = sorted(_missing_keys(merged))
         if missing:
             raise ConfigError(
@@ -88,8 +88,41 @@ def load_config(
             )
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
-        # OmegaConf's messages name the key and the expected type; keep them but say how to fix.
-        raise ConfigError(f"invalid config: {exc}. Check the key name and value type in the YAML or override") from exc
+        raise ConfigError(_describe(exc, getattr(exc, "full_key", None), "config")) from exc
+
+
+def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    """``OmegaConf.merge`` whose errors name the key (OmegaConf leaves it out when a group gets a plain value)."""
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or _failing_key(base, OmegaConf.to_container(layer), "")
+        raise ConfigError(_describe(exc, key, source, base)) from exc
+
+
+def _failing_key(base: DictConfig, layer: dict[str, Any], prefix: str) -> str | None:
+    """The deepest key of ``layer`` whose merge into ``base`` fails."""
+    for key, value in layer.items():
+        nested: Any = value
+        for part in reversed(f"{prefix}{key}".split(".")):
+            nested = {part: nested}
+        try:
+            OmegaConf.merge(base, nested)
+        except OmegaConfBaseException:
+            deeper = _failing_key(base, value, f"{prefix}{key}.") if isinstance(value, dict) else None
+            return deeper or f"{prefix}{key}"
+    return None
+
+
+def _describe(exc: OmegaConfBaseException, key: str | None, source: str, base: DictConfig | None = None) -> str:
+    """One line: the key, what is wrong, and how to fix it."""
+    reason = str(getattr(exc, "msg", None) or exc).splitlines()[0]
+    group = key is not None and base is not None and \
+        isinstance(OmegaConf.select(base, key, throw_on_missing=False), DictConfig)
+    if group:
+        return (f"{key}: is a group of settings, not a single value ({reason}); set its fields instead, e.g. "
+                f"{key}.<field>=... (--print-config lists them) [{source}]")
+    return f"{key or 'config'}: {reason}; check the key name and the value's type [{source}]"
 
 
 def _missing_keys(cfg: DictConfig, prefix: str = "") -> list[str]:

@@ -27,7 +27,7 @@ import torch
 
 from metacot.models.conditioning import build_prompt
 from metacot.models.loading import EditingModel, load_editing_model, save_editing_model
-from metacot.run import atomic_dir
+from metacot.run import atomic_dir, saving
 from metacot.training import ExpertConfig, plain_model_loading, prepare_expert
 
 PROMPT_FORMAT_DOC = build_prompt.__doc__ or ""
@@ -76,7 +76,8 @@ def write_final(out: Path, fresh: EditingModel, vlm: torch.nn.Module, transforme
         carry_understanding_from: an earlier ``final/`` whose separate ``understanding/`` folder is copied over
             (Stage 2 does not touch the understanding expert).
     """
-    with atomic_dir(out, overwrite=True, meta={"kind": "final", **facts}) as tmp:
+    kept = "the checkpoints are untouched: a restart resumes from the newest and writes final/ again"
+    with atomic_dir(out, overwrite=True, meta={"kind": "final", **facts}) as tmp, saving(out, tmp, kept):
         adapters = {}
         for name, module, cfg in (("understanding", vlm, und), ("generation", transformer, gen)):
             if cfg.mode == "lora":

@@ -47,7 +47,6 @@ ACCELERATE_CONFIG = REPO_ROOT / "launch" / "accelerate" / "deepspeed.yaml"
 SIGNAL_LEAD_S = 600  # SIGUSR1 this long before the time limit: room to finish a step and save (less for short jobs)
 JUDGE_WAIT_S = 1800  # bounded wait for a judge's /health before training (loading a large VLM takes minutes)
 RECORDED_ENV = re.compile(r"^(NCCL_\w+|TORCH_NCCL_\w+|METACOT_VLLM_PYTHON)$")
-VLM_JUDGE_FNS = {"cec_vlm", "rewards.cec:CECJudge", "rewards.cec.CECJudge"}
 
 
 class SlurmError(RuntimeError):
@@ -356,7 +355,9 @@ def _judge_overrides(req: Request) -> list[str]:
 
 def _judge_plan(req: Request, cfg: Any) -> dict[str, Any]:
     """How a GRPO job gets its judge: none, shared (on trainer nodes' spare GPUs) or dedicated nodes."""
-    uses_judge = any((opts or {}).get("fn", name) in VLM_JUDGE_FNS for name, opts in cfg.rewards.items())
+    from metacot.flow_grpo.gate import uses_vlm_judge
+
+    uses_judge = uses_vlm_judge(cfg.rewards)
     if not req.judge_model:
         if req.judge_nodes or req.judge_gpus is not None:
             raise SlurmError("--judge-nodes / --judge-gpus need --judge-model DIR (the judge to serve in the job)")

@@ -309,23 +309,29 @@ def save_checkpoint(accelerator: Any, run: Any, step: int, extra: dict[str, Any]
     All ranks write into a temporary folder that the main rank commits (marker + rename) only after everyone
     finished, so a killed save is never mistaken for a checkpoint. ``write_extra(folder)`` (main rank) adds
     files of the trainer's own (e.g. EMA weights).
+
+    Raises:
+        metacot.run.SaveError: the write failed (disk full, ...); the temporary folder is removed and the previous
+            checkpoint stays the resume point.
     """
-    from metacot.run import commit_dir
+    from metacot.run import commit_dir, resume_note, saving
 
     tmp = run.checkpoints_dir / f".tmp-step-{step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
-        if write_extra is not None:
-            write_extra(tmp)
-    accelerator.wait_for_everyone()
     dest = run.checkpoints_dir / f"step-{step}"
+    with saving(dest, tmp, resume_note(run)):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
+            if write_extra is not None:
+                write_extra(tmp)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            commit_dir(tmp, dest, {"step": step})
     if accelerator.is_main_process:
-        commit_dir(tmp, dest, {"step": step})
         run.prune_checkpoints(keep)
     accelerator.wait_for_everyone()
     return dest
@@ -335,6 +341,20 @@ def load_training_state(accelerator: Any, source: Path) -> dict[str, Any]:
     """Restore what :func:`save_checkpoint` wrote; returns its ``trainer_state.json`` dict."""
     accelerator.load_state(str(source))
     return json.loads((source / "trainer_state.json").read_text())
+
+
+def claim_run_folder(output_dir: str | Path) -> Any:
+    """The run folder's :class:`metacot.run.RunLock`, taken before any model loads; None on the other ranks (the
+    main rank, ``RANK`` 0, owns the folder for the whole distributed run).
+
+    Raises:
+        metacot.run.RunLockedError: another live run owns the folder.
+    """
+    from metacot.run import RunLock
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    return RunLock(output_dir).acquire()
 
 
 # -- reporting -----------------------------------------------------------------------------------------------------

@@ -2,9 +2,11 @@
 
 Subcommands:
 
-- ``serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key K] [--max-model-len 1024]
+- ``serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key-env VAR] [--max-model-len 1024]
   [--served-model-name N] [--python VLLM_PYTHON] [--work-dir DIR]``: start vLLM (see :mod:`rewards.serve`), print
-  its URL once healthy, run until Ctrl-C / SIGTERM, then stop its whole process group.
+  its URL once healthy, run until Ctrl-C / SIGTERM, then stop its whole process group. ``--api-key-env VAR``
+  requires the key held in ``$VAR`` from clients (it reaches vLLM through the environment, never a command line);
+  ``--api-key K`` still works but puts the key where ``ps`` shows it to every user of the machine, and warns.
 - ``score --server URL --in SAMPLES.jsonl --out SCORES.jsonl [--prompt cec_v1] [--mode choice] [--model N]
   [--concurrency 8] [--api-key-env VAR]``: score edit records with :class:`rewards.cec.CECJudge`.
 
@@ -177,7 +179,7 @@ def _serve_main(args: argparse.Namespace) -> int:
         f"vllm-serve/{args.served_model_name or Path(args.model).name}-{args.port}"
     )
     server = VLLMServer(
-        args.model, python=args.python, host=args.host, port=args.port, api_key=args.api_key,
+        args.model, python=args.python, host=args.host, port=args.port, api_key=serve_api_key(args),
         max_model_len=args.max_model_len, served_model_name=args.served_model_name, work_dir=work_dir,
     )
 
@@ -199,6 +201,26 @@ def _serve_main(args: argparse.Namespace) -> int:
         return 0
 
 
+def serve_api_key(args: argparse.Namespace) -> str | None:
+    """The key ``serve`` requires: from ``$<--api-key-env>``, or ``--api-key`` (with a warning: argv is public).
+
+    Raises:
+        ValueError: both given, or the named variable is unset.
+    """
+    if args.api_key and args.api_key_env:
+        raise ValueError("--api-key and --api-key-env both given; keep --api-key-env (the key stays out of `ps`)")
+    if args.api_key:
+        print("warning: --api-key shows the key to every user of this machine (`ps`); put it in an environment "
+              "variable and pass --api-key-env NAME instead", file=sys.stderr)
+        return str(args.api_key)
+    if not args.api_key_env:
+        return None
+    key = os.environ.get(args.api_key_env)
+    if not key:
+        raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is unset or empty")
+    return key
+
+
 # --------------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metacot reward", description="The CEC judge: serve it, score with it.")
@@ -210,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", required=True, help="local model folder")
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", help="require this bearer token from clients")
+    serve.add_argument("--api-key-env", help="require the bearer token held in this environment variable")
+    serve.add_argument("--api-key", help="require this bearer token (visible in `ps`: prefer --api-key-env)")
     serve.add_argument("--max-model-len", type=int, default=1024)
     serve.add_argument("--served-model-name", help="name clients use (default: the folder name)")
     serve.add_argument("--python", help="python of the vLLM venv (default: $METACOT_VLLM_PYTHON)")

@@ -13,6 +13,7 @@ config; a function is used as is. :class:`WeightedReward` combines several with 
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
@@ -89,26 +90,65 @@ def import_object(path: str) -> Any:
         raise ImportError(f"module {module_name!r} has no attribute {attr!r} (from {path!r})") from exc
 
 
+class RewardSpecError(ValueError):
+    """A reward named in a config cannot be built as given; the message names the config key and the fix."""
+
+
+def resolve_reward(spec: str) -> Any:
+    """The class or function a reward spec (built-in name or dotted path) names.
+
+    Raises:
+        RewardSpecError: the name is neither built in nor importable.
+    """
+    try:
+        return import_object(BUILTIN.get(spec, spec))
+    except ImportError as exc:
+        raise RewardSpecError(
+            f"unknown reward {spec!r}: not a built-in ({', '.join(sorted(BUILTIN))}) and not importable ({exc})"
+        ) from exc
+
+
+def check_reward_options(spec: str, kwargs: Mapping[str, Any], key: str = "rewards") -> Any:
+    """Check ``kwargs`` against the real signature of the reward ``spec`` names, without building it; returns it.
+
+    Raises:
+        RewardSpecError: unknown or missing options (naming ``key``, the option and the accepted ones), options for
+            a plain function, or an object that is not callable.
+    """
+    obj = resolve_reward(spec)
+    if not isinstance(obj, type):
+        if not callable(obj):
+            raise RewardSpecError(f"{key}: reward {spec!r} resolved to {type(obj).__name__}, which is not callable")
+        if kwargs:
+            raise RewardSpecError(f"{key}: reward {spec!r} is a function and takes no options; remove "
+                                  f"{', '.join(sorted(kwargs))}")
+        return obj
+    params = inspect.signature(obj).parameters
+    accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise RewardSpecError(f"{key}.{unknown[0]}: not an option of {spec!r} ({obj.__module__}:{obj.__name__}); "
+                                  f"it accepts {', '.join(accepted)} (plus weight and fn)")
+    missing = [n for n in accepted if params[n].default is inspect.Parameter.empty and n not in kwargs]
+    if missing:
+        raise RewardSpecError(f"{key}: reward {spec!r} needs {', '.join(missing)}; set {key}.{missing[0]}=...")
+    return obj
+
+
 def build_reward(spec: str, **kwargs: Any) -> RewardFn:
     """Resolve a reward by built-in name or dotted path; instantiate classes with ``kwargs``.
 
     Raises:
-        ValueError: the name is neither built in nor importable, or kwargs were given for a plain function.
+        RewardSpecError: the name is neither built in nor importable, options that its signature does not take, or
+            options for a plain function.
     """
-    path = BUILTIN.get(spec, spec)
-    try:
-        obj = import_object(path)
-    except ImportError as exc:
-        raise ValueError(
-            f"unknown reward {spec!r}: not a built-in ({', '.join(sorted(BUILTIN))}) and not importable ({exc})"
-        ) from exc
-    if isinstance(obj, type):
-        return obj(**kwargs)
-    if kwargs:
-        raise ValueError(f"reward {spec!r} is a function and takes no options; got {sorted(kwargs)}")
-    if not callable(obj):
-        raise ValueError(f"reward {spec!r} resolved to {type(obj).__name__}, which is not callable")
-    return obj
+    return _build(spec, kwargs, f"reward {spec!r}")
+
+
+def _build(spec: str, kwargs: dict[str, Any], key: str) -> RewardFn:
+    obj = check_reward_options(spec, kwargs, key)
+    return obj(**kwargs) if isinstance(obj, type) else obj
 
 
 class WeightedReward:
@@ -162,8 +202,34 @@ def build_weighted_reward(specs: Mapping[str, Mapping[str, Any]]) -> WeightedRew
     """
     components = {}
     for name, opts in specs.items():
-        opts = dict(opts)
-        weight = float(opts.pop("weight", 1.0))
-        fn_spec = opts.pop("fn", name)
-        components[name] = (build_reward(fn_spec, **opts), weight)
+        weight, fn_spec, kwargs = split_spec(name, opts)
+        components[name] = (_build(fn_spec, kwargs, f"rewards.{name}"), weight)
     return WeightedReward(components)
+
+
+def split_spec(name: str, opts: Mapping[str, Any] | None) -> tuple[float, str, dict[str, Any]]:
+    """``(weight, fn, constructor kwargs)`` of one config component ``rewards.<name>``.
+
+    Raises:
+        RewardSpecError: the weight is not a number, or ``fn`` is not a string.
+    """
+    kwargs = dict(opts or {})
+    weight, fn_spec = kwargs.pop("weight", 1.0), kwargs.pop("fn", name)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise RewardSpecError(f"rewards.{name}.weight: {weight!r} is not a number; write e.g. "
+                              f"rewards.{name}.weight=1.0")
+    if not isinstance(fn_spec, str):
+        raise RewardSpecError(f"rewards.{name}.fn: {fn_spec!r} is not a name; write a built-in name "
+                              f"({', '.join(sorted(BUILTIN))}) or a dotted path package.module:attr")
+    return float(weight), fn_spec, kwargs
+
+
+def check_reward_specs(specs: Mapping[str, Mapping[str, Any] | None]) -> None:
+    """Check every component of a ``rewards`` config against its reward's real signature, building nothing.
+
+    Raises:
+        RewardSpecError: naming the first wrong key and the accepted ones.
+    """
+    for name, opts in specs.items():
+        _, fn_spec, kwargs = split_spec(name, opts)
+        check_reward_options(fn_spec, kwargs, key=f"rewards.{name}")

@@ -41,3 +41,59 @@ def preempt_at(monkeypatch: Any, module: Any, step_fn: str, at: int) -> None:
         return out
 
     monkeypatch.setattr(module, step_fn, wrapped)
+
+
+class LocalJudge:
+    """A real HTTP judge server (stdlib ``http.server`` in a thread) that misbehaves on purpose.
+
+    ``/health`` and ``/v1/models`` (serving ``judge``) answer like vLLM; ``/v1/chat/completions`` answers a valid
+    completion whose text holds no score (``behaviour="garbage"``) or never answers (``"silent"``: it holds the
+    request until the server stops). ``chat_requests`` counts the completion requests received. A context manager.
+    """
+
+    def __init__(self, behaviour: str) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        judge = self
+        self.behaviour = behaviour
+        self.chat_requests = 0
+        self.stopping = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:  # keep the test output quiet
+                pass
+
+            def _json(self, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self._json({"data": [{"id": "judge"}]} if self.path == "/v1/models" else {})
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                judge.chat_requests += 1
+                if judge.behaviour == "silent":
+                    judge.stopping.wait(60)  # bounded, so a broken test cannot hang forever
+                    return
+                self._json({"choices": [{"message": {"content": "The edit looks fine to me."},
+                                         "finish_reason": "stop"}]})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "LocalJudge":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()

@@ -66,3 +66,12 @@ def test_resolved_yaml_round_trips(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text(to_yaml(cfg))
     again = load_config(Example, tmp_path / "r.yaml", [])
     assert again == cfg
+
+
+def test_a_value_given_to_a_group_names_the_key(tmp_path: Path) -> None:
+    """OmegaConf's own "Merge error" leaves the key out; ours names it, where it came from, and the fix."""
+    with pytest.raises(ConfigError, match=r"^optim: is a group of settings.*optim\.<field>=.*override 'optim=8'"):
+        load_config(Example, None, ["model=/m", "optim=8"])
+    (tmp_path / "c.yaml").write_text("model: /m\noptim:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match=r"^optim\.lr: .*c\.yaml\]$"):
+        load_config(Example, tmp_path / "c.yaml", [])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -173,3 +174,114 @@ def test_config_refusals() -> None:
                                               "rollout.window_size=2"])
     with pytest.raises(ConfigError, match="micro_batch_size"):
         load_config(GRPOConfig, None, base + ["policy.micro_batch_size=5"])
+
+
+# -- faults: inputs checked before any model loads, a judge that scores nothing or cannot be reached ------------------
+
+def _copy_records(src: Path, name: str, n: int, edit: Any = None) -> Path:
+    """The first ``n`` edit records of ``src`` into ``name`` beside it (image paths stay relative);
+    ``edit(i, record)`` may change them."""
+    edits = [json.loads(x) for x in src.read_text().splitlines() if json.loads(x)["type"] == "edit"][:n]
+    for i, rec in enumerate(edits):
+        if edit is not None:
+            edit(i, rec)
+    dest = src.parent / name
+    dest.write_text("".join(json.dumps(rec) + "\n" for rec in edits))
+    return dest
+
+
+def test_grpo_inputs_are_checked_before_any_model_loads(tiny_sft_run, tiny_dataset, tmp_path) -> None:
+    """Over-budget Meta-CoTs by file:line, empty sets, reward typos, a missing or malformed judge.url and the
+    gate for the VLM judge named by dotted path: all refused by check_inputs, which reads no weights."""
+    from metacot.cot.schema import DataError
+    from metacot.flow_grpo.preflight import check_inputs
+
+    def long_cot(i: int, rec: dict) -> None:
+        if i == 1:
+            rec["cot"]["thinking"] = " ".join(["the red star stays exactly where it was"] * 80)
+
+    over = _copy_records(tiny_dataset / "val.jsonl", f"over-budget-{tmp_path.name}.jsonl", 3, long_cot)
+    try:
+        with pytest.raises(DataError, match=rf"{over}:2: \S+: its condition .* over the encoder's budget of 512"):
+            check_inputs(grpo_cfg(tiny_sft_run, tiny_dataset, tmp_path / "r", f"data.train={over}"))
+    finally:
+        over.unlink()
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="no edit records"):
+        check_inputs(grpo_cfg(tiny_sft_run, tiny_dataset, tmp_path / "r", f"data.eval={tmp_path / 'empty.jsonl'}"))
+    vlm = ["rewards={cec_vlm: {weight: 1.0}}", "judge.allow_uncalibrated=true"]
+    with pytest.raises(ConfigError, match=r"^rewards\.cec_vlm\.timout_s: not an option .* it accepts url"):
+        check_inputs(grpo_cfg(tiny_sft_run, tiny_dataset, tmp_path / "r", "judge.allow_uncalibrated=true",
+                              "rewards={cec_vlm: {weight: 1.0, timout_s: 3}}", "judge.url=http://127.0.0.1:1"))
+    for url in ("''", "ftp://judge:8000", "127.0.0.1:8000"):
+        with pytest.raises(ConfigError, match=r"^judge\.url: .* is not an http\(s\) address.*rewards\.cec_vlm"):
+            check_inputs(grpo_cfg(tiny_sft_run, tiny_dataset, tmp_path / "r", *vlm, f"judge.url={url}"))
+    with pytest.raises(CalibrationGateError, match="judge.calibration is empty"):
+        check_inputs(grpo_cfg(tiny_sft_run, tiny_dataset, tmp_path / "r", "judge.url=http://127.0.0.1:1",
+                              "rewards={judge: {fn: 'rewards.cec:CECJudge'}}"))
+    assert not (tmp_path / "r").exists(), "nothing was written"
+
+
+def _cli(capsys: pytest.CaptureFixture, sft_run: Path, data: Path, out: Path, *extra: str) -> tuple[int, str]:
+    from metacot.flow_grpo.cli import main
+
+    rc = main(["--config", "tiny", f"model={sft_run / 'final'}", f"data.train={data / 'train.jsonl'}",
+               f"data.eval={data / 'val.jsonl'}", f"output_dir={out}", *SMALL, *extra])
+    return rc, capsys.readouterr().err.strip()
+
+
+def test_unreachable_judge_is_a_one_line_refusal_before_models_load(tiny_sft_run, tiny_dataset, tmp_path,
+                                                                   capsys) -> None:
+    from rewards.serve import free_port
+
+    rc, err = _cli(capsys, tiny_sft_run, tiny_dataset, tmp_path / "run", "rewards={cec_vlm: {weight: 1.0}}",
+                   "judge.allow_uncalibrated=true", f"judge.url=http://127.0.0.1:{free_port()}", "judge.model=judge")
+    assert rc == 1 and err.startswith("metacot grpo: cannot reach the judge server") and "\n" not in err, err
+    assert not (tmp_path / "run" / "config.yaml").exists(), "refused before the run (and the models) started"
+
+
+@pytest.mark.slow
+def test_a_judge_that_scores_nothing_fails_the_run_without_final(tiny_sft_run, tiny_dataset, tmp_path,
+                                                                capsys) -> None:
+    """A real HTTP judge whose every reply is unparsable: no iteration is trained on, and after
+    judge.max_unscored_iterations (2) the run stops with one line, exit code 1 and no final/."""
+    from helpers import LocalJudge
+
+    with LocalJudge("garbage") as server:
+        rc, err = _cli(capsys, tiny_sft_run, tiny_dataset, tmp_path / "run", "train.max_steps=5",
+                       "rewards={cec_vlm: {weight: 1.0}}", "judge.allow_uncalibrated=true", f"judge.url={server.url}",
+                       "judge.model=judge", "judge.mode=parse")
+    assert rc == 1 and "iterations 1-2: the reward scored 0% " in err and "judge.min_scored_share=0.5" in err, err
+    assert not (tmp_path / "run" / "final").exists()
+    it = [r for r in rows(tmp_path / "run") if "scored_share" in r]
+    assert [(r["step"], r["scored_share"], r["unscored_iteration"], r["optimizer_step"]) for r in it] == \
+        [(1, 0.0, 1, 0), (2, 0.0, 1, 0)]
+    assert "loss" not in it[0], "no update on an unscored iteration"
+
+
+def test_data_check_runs_the_stage_checks(tiny_sft_run, tiny_dataset, tmp_path, capsys) -> None:
+    """`metacot data check --stage grpo` refuses the over-budget file the trainer would (same code, same file:line);
+    the plain form refuses an empty file and says it does not check budgets."""
+    from data_recipes.cli import main
+
+    def long_cot(i: int, rec: dict) -> None:
+        rec["cot"]["thinking"] = " ".join(["the red star stays exactly where it was"] * 80) if i == 2 else \
+            rec["cot"]["thinking"]
+
+    over = _copy_records(tiny_dataset / "val.jsonl", f"over-budget-{tmp_path.name}.jsonl", 3, long_cot)
+    base = [f"model={tiny_sft_run / 'final'}", f"data.train={over}", f"output_dir={tmp_path / 'r'}",
+            "data.cot_source=oracle"]
+    try:
+        assert main(["check", "--stage", "grpo", "--config", "tiny", *base]) == 1
+        assert f"{over}:3: " in capsys.readouterr().err
+        assert main(["check", str(over)]) == 0  # the file alone is valid: budgets depend on the model and run
+    finally:
+        over.unlink()
+    assert main(["check", "--stage", "grpo", "--config", "tiny", *base[:1], f"data.train={tiny_dataset / 'val.jsonl'}",
+                 f"output_dir={tmp_path / 'r'}", "data.cot_source=oracle"]) == 0
+    assert main(["check", "--stage", "sft", "--config", "tiny", *base[:1], "understanding.lora=8"]) == 2
+    assert "understanding.lora: is a group of settings" in capsys.readouterr().err
+    (tmp_path / "empty.jsonl").write_text("")
+    assert main(["check", str(tmp_path / "empty.jsonl")]) == 1
+    assert "no records" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists(), "data check writes nothing"

@@ -477,3 +477,66 @@ def test_the_cot_reaches_the_judge_rendered_by_metacot_cot() -> None:
     assert render(cot) in texts[0] and render(cot) in texts[1] and "free text plan" in texts[2]
     assert judge.describe() == {"url": URL, "model": "judge", "prompt": "cec_v1", "prompt_sha": judge.prompt.sha,
                                 "mode": "choice"}
+
+
+# -- a real local HTTP judge that answers garbage or never answers ----------------------------------------------------
+
+def _grpo_judge_cfg(url: str, *extra: str) -> Any:
+    from metacot.config import load_config
+    from metacot.flow_grpo.config import GRPOConfig
+
+    return load_config(GRPOConfig, None, ["model=m", "output_dir=o", "data.train=d", f"judge.url={url}",
+                                          "judge.model=judge", "judge.mode=parse", "rewards={cec_vlm: {weight: 1}}",
+                                          *extra])
+
+
+def test_judge_answering_garbage_scores_nothing() -> None:
+    from helpers import LocalJudge
+
+    from metacot.flow_grpo.trainer import build_rewards
+
+    with LocalJudge("garbage") as server:
+        reward = build_rewards(_grpo_judge_cfg(server.url))
+        assert reward(make_batch(2)) == [None, None]
+    assert server.chat_requests == 2
+
+
+def test_silent_judge_fails_after_the_configured_attempts() -> None:
+    """judge.timeout_s / judge.retries bound a judge that never answers: counted attempts, then ServerUnavailable
+    (one line, naming the server)."""
+    from helpers import LocalJudge
+
+    from metacot.flow_grpo.trainer import build_rewards
+
+    with LocalJudge("silent") as server:
+        reward = build_rewards(_grpo_judge_cfg(server.url, "judge.timeout_s=0.3", "judge.retries=1"))
+        with pytest.raises(ServerUnavailable, match=rf"judge server {server.url} failed 2 attempts") as err:
+            reward(make_batch(1))
+    assert server.chat_requests == 2 and "\n" not in str(err.value)
+
+
+def test_default_judge_bounds_fail_a_silent_judge_within_about_a_minute() -> None:
+    from metacot.flow_grpo.config import JudgeConfig
+    from rewards.cec import CECJudge
+
+    judge = JudgeConfig()
+    assert (judge.retries + 1) * judge.timeout_s <= 60
+    reward = CECJudge(url=URL, model="judge", timeout_s=judge.timeout_s, retries=judge.retries,
+                      transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"data": [{"id": "judge"}]})))
+    assert (reward.client.timeout_s, reward.client.retries) == (judge.timeout_s, judge.retries)
+
+
+def test_serve_takes_its_key_from_the_environment(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """`reward serve --api-key-env NAME` reads the key from the environment (it never reaches a command line:
+    test_server_command_and_environment); `--api-key K` still works and warns that `ps` shows it."""
+    from rewards.cli import build_parser, serve_api_key
+
+    parse = lambda *a: build_parser().parse_args(["serve", "--model", "m", *a])  # noqa: E731
+    monkeypatch.setenv("METACOT_TEST_JUDGE_KEY", "s3cret")
+    assert serve_api_key(parse("--api-key-env", "METACOT_TEST_JUDGE_KEY")) == "s3cret"
+    assert capsys.readouterr().err == ""
+    assert serve_api_key(parse("--api-key", "visible")) == "visible"
+    assert "ps" in capsys.readouterr().err
+    assert serve_api_key(parse()) is None
+    with pytest.raises(ValueError, match="METACOT_TEST_UNSET_KEY: that environment variable is unset"):
+        serve_api_key(parse("--api-key-env", "METACOT_TEST_UNSET_KEY"))

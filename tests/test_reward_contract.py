@@ -52,3 +52,17 @@ def test_batch_length_mismatch_is_refused() -> None:
     img = Image.new("RGB", (2, 2))
     with pytest.raises(ValueError, match="must all have 2 entries"):
         RewardBatch([img], [img, img], ["a", "b"], [None, None])
+
+
+def test_reward_options_are_checked_against_the_real_signature_before_building() -> None:
+    """A typo in rewards.* names the key and the accepted options, without contacting any judge (nothing is built)."""
+    from rewards.contract import RewardSpecError, check_reward_specs
+
+    with pytest.raises(RewardSpecError, match=r"^rewards\.judge\.timout_s: not an option of 'cec_vlm' "
+                                              r"\(rewards\.cec:CECJudge\); it accepts url, model, .*timeout_s"):
+        check_reward_specs({"judge": {"fn": "cec_vlm", "timout_s": 5}})
+    with pytest.raises(RewardSpecError, match=r"^rewards\.b\.weight: 'heavy' is not a number"):
+        check_reward_specs({"b": {"fn": "brightness", "weight": "heavy"}})
+    with pytest.raises(RewardSpecError, match=r"^rewards\.brightness: .*takes no options; remove scale"):
+        build_weighted_reward({"brightness": {"scale": 2}})
+    check_reward_specs({"brightness": {"weight": 2}, "cec_vlm": {"url": "http://x:1", "timeout_s": 3}})

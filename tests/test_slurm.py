@@ -140,6 +140,23 @@ def test_grpo_judge_on_spare_gpus_of_trainer_nodes(tmp_path: Path) -> None:
     cfg = load_config(GRPOConfig, plan.config_path)
     assert (cfg.judge.url, cfg.judge.model) == (JUDGE_URL_IN_JOB, "judge-vl")  # URL given per node in the job
     bash_syntax_ok(plan.jobs[0].script)
+    text = plan.jobs[0].text
+    # The shared layout's judge binds 127.0.0.1 (its clients are on its node) and is probed from that node.
+    assert 'JUDGE_BIND=127.0.0.1; JUDGE_KEY_ENV=""' in text and '--host "$7"' in text and "0.0.0.0 --port" not in text
+    assert 'metacot_wait_http "$url" "$JUDGE_PID" "$METACOT_JUDGE_WAIT_S" "$on"' in text
+
+
+def test_network_judge_requires_a_per_job_key_passed_through_the_environment(tmp_path: Path) -> None:
+    """Dedicated judge nodes listen on the network: a random key made in the job, exported, and only its variable's
+    name on command lines (`--api-key-env`, `judge.api_key_env`), never the key."""
+    judge = judge_folder(tmp_path / "judge")
+    plan = render(Request("grpo", "tiny", [*GRPO, "rewards.cec_vlm.weight=1.0"], nodes=1, gpus_per_node=0,
+                          judge_nodes=1, judge_model=str(judge)))
+    text = plan.jobs[0].text
+    assert "JUDGE_BIND=0.0.0.0" in text and "secrets.token_urlsafe(32)" in text and "export METACOT_JUDGE_KEY" in text
+    assert '${8:+--api-key-env "$8"}' in text and '"judge.api_key_env=METACOT_JUDGE_KEY"' in text
+    assert "--api-key " not in text and "--api-key=" not in text and "$METACOT_JUDGE_KEY" not in text
+    bash_syntax_ok(plan.jobs[0].script)
 
 
 def test_grpo_dedicated_judge_nodes_validate_the_real_preset(tmp_path: Path) -> None:

@@ -107,10 +107,15 @@ metacot_gpu_slice() {
 }
 export -f metacot_gpu_slice
 
-# metacot_wait_http URL PID SECONDS: wait until URL answers 2xx while the step PID lives, at most SECONDS.
+# metacot_wait_http URL PID SECONDS [NODE]: wait until URL answers 2xx while the step PID lives, at most SECONDS;
+# with NODE, probe from that node (a server bound to 127.0.0.1 there answers nobody else).
 metacot_wait_http() {
-    local url=$1 pid=$2 deadline=$(( SECONDS + $3 ))
-    until python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" "$url" 2>/dev/null; do
+    local url=$1 pid=$2 deadline=$(( SECONDS + $3 )) node=${4:-}
+    local probe=(python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" "$url")
+    if [[ -n "$node" ]]; then
+        probe=(srun --overlap --nodes=1 --ntasks=1 --cpus-per-task=1 --nodelist="$node" "${probe[@]}")
+    fi
+    until "${probe[@]}" 2>/dev/null; do
         if ! kill -0 "$pid" 2>/dev/null; then
             metacot_log "FAILED: the judge step exited before ${url} answered; see its server.log in the job folder"
             return 1

@@ -81,6 +81,17 @@ class JudgeConfig:
     allow_uncalibrated: bool = False  # override the gate; recorded in the run folder (gate.json) and metrics
     # Accept a calibration made against simulated annotators (demos and tiny runs only; real runs need humans).
     allow_simulated_labels: bool = False
+    # Bounds of one judge request: each attempt waits timeout_s; a transient failure (no connection, timeout, HTTP
+    # 429 / 5xx) is retried `retries` times with backoff, so a judge that never answers fails the run after
+    # (retries + 1) x timeout_s plus ~2 s of backoff: about a minute with the defaults.
+    timeout_s: float = 20.0
+    retries: int = 2
+    api_key_env: str = ""  # environment variable holding the judge server's API key ("" = a server without a key)
+    # An iteration whose total reward scored fewer than this share of its samples (a judge whose replies do not
+    # parse, CoTs the rule judge cannot read) is not trained on; after max_unscored_iterations such iterations in a
+    # row the run stops with an error and writes no final/. 0 = train on whatever was scored.
+    min_scored_share: float = 0.5
+    max_unscored_iterations: int = 2
 
 
 @dataclass
@@ -141,7 +152,13 @@ class GRPOConfig:
         check(self.data.cot_temperature > 0, "data.cot_temperature", "must be > 0 (use cot_sampling=greedy for 0)")
         check(self.data.max_cot_tokens >= 1, "data.max_cot_tokens", "must be >= 1")
         check(self.data.resolution % 16 == 0, "data.resolution", "must be a multiple of 16")
-        check(self.judge.mode in {"parse", "choice", "logprobs"}, "judge.mode", "use parse, choice or logprobs")
+        j = self.judge
+        check(j.mode in {"parse", "choice", "logprobs"}, "judge.mode", "use parse, choice or logprobs")
+        check(j.timeout_s > 0, "judge.timeout_s", "must be > 0 seconds (the wait of one request attempt)")
+        check(j.retries >= 0, "judge.retries", "must be >= 0 (further attempts after a transient failure)")
+        check(0 <= j.min_scored_share <= 1, "judge.min_scored_share", "must be a share in [0, 1]")
+        check(j.max_unscored_iterations >= 1, "judge.max_unscored_iterations",
+              "must be >= 1 (iterations below judge.min_scored_share in a row before the run stops)")
         if not self.rewards:
             self.rewards = {"cec_rule": {"weight": 1.0}}
         samples = r.group_size * self.rollout.prompts_per_iteration

@@ -1,6 +1,7 @@
 """The calibration gate: a VLM-judge reward is used only after its prompt passed calibration against humans.
 
-Before Stage 2 starts, every reward component that is a served VLM judge (``cec_vlm``) needs a passing
+Before Stage 2 starts, every reward component that is a served VLM judge (``cec_vlm``, or ``rewards.cec:CECJudge``
+named by dotted path, or a subclass) needs a passing
 ``calibration.json`` from ``metacot reward calibrate`` for the same judge model and prompt variant (Pearson r and
 MAE within the thresholds recorded there). ``judge.allow_uncalibrated=true`` overrides the gate; the override is
 recorded in the run folder (``gate.json``) and the metrics. Rule-based and ground-truth rewards need no gate.
@@ -15,8 +16,25 @@ class CalibrationGateError(RuntimeError):
     """The run uses a VLM judge without a passing calibration report."""
 
 
+def is_vlm_judge(name: str, opts: Any) -> bool:
+    """Whether the component ``rewards.<name>`` is the served VLM judge, however it is named: ``cec_vlm``, a dotted
+    path to ``rewards.cec:CECJudge``, or a subclass of it. All of them get the ``judge`` block's settings and pass
+    this gate."""
+    from rewards.cec import CECJudge
+    from rewards.contract import RewardSpecError, resolve_reward
+
+    spec = dict(opts or {}).get("fn", name)
+    if not isinstance(spec, str):
+        return False
+    try:
+        obj = resolve_reward(spec)
+    except RewardSpecError:  # reported by the reward spec check
+        return False
+    return isinstance(obj, type) and issubclass(obj, CECJudge)
+
+
 def uses_vlm_judge(rewards: dict[str, Any]) -> bool:
-    return any(dict(opts or {}).get("fn", name) == "cec_vlm" for name, opts in rewards.items())
+    return any(is_vlm_judge(name, opts) for name, opts in rewards.items())
 
 
 def check_calibration_gate(cfg: Any) -> dict[str, Any]:

@@ -42,10 +42,18 @@ import torch
 from PIL import Image
 
 from metacot.cot import parse_lenient, render
-from metacot.cot.schema import EditRecord, load_records
+from metacot.cot.schema import EditRecord
 from metacot.final import FROZEN, consolidate, write_final
 from metacot.flow_grpo.config import GRPOConfig
 from metacot.flow_grpo.gate import check_calibration_gate
+from metacot.flow_grpo.preflight import (
+    GRPOInputs,
+    check_inputs,
+    check_source_area,
+    grpo_records,
+    reward_specs,
+    stage1_prompt_options,
+)
 from metacot.flow_grpo.math import (
     draw_window,
     ema_update,
@@ -65,11 +73,12 @@ from metacot.models.conditioning import NEGATIVE_PROMPT, build_prompt, encode_co
 from metacot.models.loading import EditingModel, load_editing_model
 from metacot.models.sampler import encode_latents, image_shapes, sigma_schedule, source_shape
 from metacot.models.speed import apply_speed_options
-from metacot.run import Run
+from metacot.run import Run, RunLock
 from metacot.sft.data import condition_prompt
 from metacot.training import (
     StopFlag,
     build_accelerator,
+    claim_run_folder,
     epoch_batch_indices,
     load_training_state,
     lr_lambda,
@@ -135,43 +144,17 @@ class GRPOState:
     iteration: int = 0
     optimizer_step: int = 0
     train_seconds: float = 0.0  # summed time_iteration (train.max_seconds)
+    unscored_streak: int = 0  # iterations in a row below judge.min_scored_share (not trained on)
     timings: dict[str, float] = field(default_factory=dict)
     eval_cot_stats: dict[str, float] = field(default_factory=dict)  # eval_cot_unparsed(_share) of the eval prompts
 
 
 # -- setup -----------------------------------------------------------------------------------------------------------
 
-def _stage1_meta(model_dir: str) -> dict[str, Any]:
-    """The Stage 1 facts of a run's ``final/`` (``metacot.json``; a GRPO final keeps them under ``stage1``)."""
-    meta_path = Path(model_dir) / "metacot.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    return meta if meta.get("stage") == "sft" else meta.get("stage1", {})
-
-
-def stage1_prompt_options(model_dir: str) -> dict[str, bool]:
-    """How the Stage 1 model was conditioned (``no_cot``, ``include_instruction`` from its ``metacot.json``), so
-    Stage 2 conditions the generator the same way; plain pipeline folders get the defaults."""
-    meta = _stage1_meta(model_dir)
-    return {"no_cot": bool(meta.get("no_cot", False)), "include_instruction": bool(meta.get("include_instruction", True))}
-
-
-def check_source_area(cfg: GRPOConfig) -> None:
-    """Refuse a ``data.source_area`` other than the one Stage 1 trained with (when its final/ records it)."""
-    meta = _stage1_meta(cfg.model)
-    if not meta:  # a plain pipeline folder: no Stage 1 facts to match
-        return
-    trained = int(meta.get("source_area", 0))  # Stage 1 finals from before the option encoded at the output size
-    if trained != cfg.data.source_area:
-        raise ValueError(f"data.source_area={cfg.data.source_area}, but the Stage 1 model {cfg.model} was trained with "
-                         f"source latents of area {trained}; set data.source_area={trained}")
-
-
-def _load_prompts(path: str, base: EditingModel, cfg: GRPOConfig, limit: int | None = None) -> list[Prompt]:
-    records = [r for r in load_records(path, check_images=True) if isinstance(r, EditRecord)]
-    if limit is not None:
-        records = records[:limit]
-    if not records:
-        raise ValueError(f"{path}: no edit records; Flow-GRPO needs (source image, instruction) prompts")
+def _load_prompts(source: str | list[EditRecord], base: EditingModel, cfg: GRPOConfig,
+                  limit: int | None = None) -> list[Prompt]:
+    """Decode the prompts of ``source``: records checked by :func:`check_inputs`, or a JSONL path (checked here)."""
+    records = grpo_records(source, cfg, base.processor, limit) if isinstance(source, str) else source
     res = cfg.data.resolution
     src = source_shape(base, res, res, cfg.data.source_area)
 
@@ -182,14 +165,9 @@ def _load_prompts(path: str, base: EditingModel, cfg: GRPOConfig, limit: int | N
             return img.convert("RGB").resize(size, Image.Resampling.BICUBIC)
 
     oracle = cfg.data.cot_source == "oracle"
-    prompts = [Prompt(r, load(r.source_image), load(r.target_image), r.cot if oracle else None,
-                      render(r.cot) if oracle and r.cot is not None else None,
-                      load(r.source_image, (src[1], src[0])) if src != (res, res) else None) for r in records]
-    missing = [p.record.id for p in prompts if p.cot_text is None]
-    if oracle and missing and not stage1_prompt_options(cfg.model)["no_cot"]:
-        raise ValueError(f"{path}: {len(missing)} prompts have no Meta-CoT ({', '.join(missing[:10])}); annotate "
-                         f"them, or set data.cot_source=model to let the understanding expert write them")
-    return prompts
+    return [Prompt(r, load(r.source_image), load(r.target_image), r.cot if oracle else None,
+                   render(r.cot) if oracle and r.cot is not None else None,
+                   load(r.source_image, (src[1], src[0])) if src != (res, res) else None) for r in records]
 
 
 def writes_cots(cfg: GRPOConfig) -> bool:
@@ -239,21 +217,18 @@ def write_prompt_cots(state: GRPOState, prompts: list[Prompt], split: str) -> di
 
 
 def build_rewards(cfg: GRPOConfig) -> WeightedReward:
-    """The weighted training reward; VLM-judge components get the ``judge`` block as constructor options."""
-    specs = {}
-    for name, opts in cfg.rewards.items():
-        opts = dict(opts or {})
-        if opts.get("fn", name) == "cec_vlm":
-            judge = cfg.judge
-            for key, value in (("url", judge.url), ("model", judge.model), ("prompt", judge.prompt),
-                               ("mode", judge.mode)):
-                opts.setdefault(key, value)
-        specs[name] = opts
-    return build_weighted_reward(specs)
+    """The weighted training reward; VLM-judge components get the ``judge`` block as constructor options (a served
+    judge is contacted here: an unreachable one fails now)."""
+    return build_weighted_reward(reward_specs(cfg))
 
 
-def setup(cfg: GRPOConfig) -> GRPOState:
-    """Load the Stage 1 model, data and rewards; check the gate; wrap the MMDiT; build DeepSpeed; resume."""
+def setup(cfg: GRPOConfig, *, lock: RunLock | None = None, inputs: GRPOInputs | None = None,
+          reward: WeightedReward | None = None) -> GRPOState:
+    """Load the Stage 1 model, data and rewards; check the gate; wrap the MMDiT; build DeepSpeed; resume.
+
+    ``lock``, ``inputs`` and ``reward`` come from :func:`train`, which takes and checks them before any model loads;
+    without them (benchmarks, tests) setup checks its inputs itself.
+    """
     seed_everything(cfg.train.seed)  # adapter initialisation draws from the global RNG
     device = cfg.train.resolved_device()
     dtype = torch.bfloat16 if cfg.train.resolved_precision() == "bf16" else torch.float32
@@ -265,10 +240,11 @@ def setup(cfg: GRPOConfig) -> GRPOState:
     # MMDiT adapter-off (final/understanding/), so it is loaded by the one loader every path shares.
     und = load_understanding(cfg.model, device=device, dtype=dtype, text_encoder=(base.vlm, base.processor)) \
         if writes_cots(cfg) else None
-    gate = check_calibration_gate(cfg)
-    prompts = _load_prompts(cfg.data.train, base, cfg)
-    eval_prompts = _load_prompts(cfg.data.eval or cfg.data.train, base, cfg, limit=cfg.eval.prompts)
-    reward = build_rewards(cfg)
+    gate = inputs.gate if inputs else check_calibration_gate(cfg)
+    prompts = _load_prompts(inputs.train if inputs else cfg.data.train, base, cfg)
+    eval_prompts = _load_prompts(inputs.eval if inputs else cfg.data.eval or cfg.data.train, base, cfg,
+                                 limit=cfg.eval.prompts)
+    reward = reward if reward is not None else build_rewards(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_rank = cfg.samples_per_iteration // world
     if cfg.rollout.prompts_per_iteration % world or per_rank % (cfg.policy.micro_batch_size
@@ -289,7 +265,7 @@ def setup(cfg: GRPOConfig) -> GRPOState:
         optimizer, lr_lambda(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.lr_schedule))
     accelerator = build_accelerator(cfg.train, micro_batch=cfg.policy.micro_batch_size, grad_accum=grad_accum)
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
-    run = Run(cfg.output_dir, cfg, resume=cfg.train.resume, writer=accelerator.is_main_process)
+    run = Run(cfg.output_dir, cfg, resume=cfg.train.resume, writer=accelerator.is_main_process, lock=lock)
     if accelerator.is_main_process:
         (run.root / "gate.json").write_text(json.dumps(gate, indent=2))
         if speed:
@@ -306,6 +282,7 @@ def setup(cfg: GRPOConfig) -> GRPOState:
         saved = load_training_state(accelerator, latest)
         state.iteration, state.optimizer_step = int(saved["step"]), int(saved["optimizer_step"])
         state.train_seconds = float(saved.get("train_seconds", 0.0))
+        state.unscored_streak = int(saved.get("unscored_streak", 0))
         if ema is not None:
             loaded = torch.load(latest / "ema.pt", weights_only=True)
             for dst, src in zip(ema, loaded):
@@ -627,7 +604,8 @@ def maybe_save_checkpoint(state: GRPOState, force: bool = False) -> Path | None:
     if state.ema is not None:
         write_ema = lambda folder: torch.save([e.cpu() for e in state.ema], folder / "ema.pt")  # noqa: E731
     return save_checkpoint(state.accelerator, state.run, state.iteration,
-                           {"optimizer_step": state.optimizer_step, "train_seconds": state.train_seconds},
+                           {"optimizer_step": state.optimizer_step, "train_seconds": state.train_seconds,
+                            "unscored_streak": state.unscored_streak},
                            state.cfg.train.keep_checkpoints, write_ema)
 
 
@@ -668,14 +646,39 @@ def iteration_step(state: GRPOState, pool: ThreadPoolExecutor) -> dict[str, Any]
     collect_rewards(state, ro)
     adv, adv_stats = compute_advantages(state, ro)
     t2 = time.perf_counter()
-    loss_stats = train_policy(state, ro, adv, old)
+    share = 1.0 - adv_stats["reward_none"] / state.cfg.samples_per_iteration
+    if share < state.cfg.judge.min_scored_share:
+        state.unscored_streak += 1  # too little was scored to trust the advantages: no update
+        loss_stats: dict[str, Any] = {"unscored_iteration": 1}
+    else:
+        state.unscored_streak = 0
+        loss_stats = train_policy(state, ro, adv, old)
     state.iteration += 1
     state.train_seconds += time.perf_counter() - t0
     return {"optimizer_step": state.optimizer_step, **ro["cot_stats"], **adv_stats, **loss_stats, **state.timings,
             "time_old_logprob": t_old, "time_train": time.perf_counter() - t2 + t_old,
-            "time_iteration": time.perf_counter() - t0, "train_seconds": state.train_seconds,
+            "time_iteration": time.perf_counter() - t0, "train_seconds": state.train_seconds, "scored_share": share,
             "window_start": ro["window"][0], "window_end": ro["window"][-1],
             "lr": float(state.scheduler.get_last_lr()[-1])}
+
+
+class UnscoredError(RuntimeError):
+    """Too many iterations in a row in which the reward scored too few samples; the run stopped without final/."""
+
+
+def stop_if_unscored(state: GRPOState, metrics: dict[str, Any]) -> None:
+    """Raise :class:`UnscoredError` once ``judge.max_unscored_iterations`` iterations in a row were below
+    ``judge.min_scored_share`` (none of them was trained on)."""
+    j = state.cfg.judge
+    if state.unscored_streak < j.max_unscored_iterations:
+        return
+    first = state.iteration - state.unscored_streak + 1
+    raise UnscoredError(
+        f"iterations {first}-{state.iteration}: the reward scored {metrics['scored_share']:.0%} of the last "
+        f"iteration's samples, below judge.min_scored_share={j.min_scored_share:g}, {state.unscored_streak} "
+        f"iterations in a row (judge.max_unscored_iterations={j.max_unscored_iterations}); none was trained on and "
+        f"no final/ was written. A VLM judge whose replies do not parse logs them (try `metacot reward score` on a "
+        f"few samples, another judge.mode or prompt); fix it and start the same command again to resume")
 
 
 def _out_of_time(state: GRPOState) -> bool:
@@ -684,8 +687,19 @@ def _out_of_time(state: GRPOState) -> bool:
 
 
 def train(cfg: GRPOConfig) -> Path:
-    """Run Stage 2 to ``train.max_steps`` iterations (resuming if possible); returns ``final/``."""
-    state = setup(cfg)
+    """Run Stage 2 to ``train.max_steps`` iterations (resuming if possible); returns ``final/``.
+
+    The run folder's lock is taken, and every input checked (:func:`check_inputs`) and the rewards built (a served
+    judge is contacted), before any model loads.
+    """
+    lock = claim_run_folder(cfg.output_dir)
+    try:
+        inputs = check_inputs(cfg)
+        state = setup(cfg, lock=lock, inputs=inputs, reward=build_rewards(cfg))
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     acc = state.accelerator
     bar = progress_bar(cfg.train, acc, state.iteration, "grpo")
     stop = StopFlag()
@@ -703,8 +717,10 @@ def train(cfg: GRPOConfig) -> Path:
                 metrics.update(evaluate(state))
             if _out_of_time(state):
                 metrics["stopped_by_time"] = 1
-            if state.iteration % cfg.train.log_every == 0 or last or "eval_reward" in metrics:
+            if state.iteration % cfg.train.log_every == 0 or last or "eval_reward" in metrics or \
+                    "unscored_iteration" in metrics:
                 state.run.log(state.iteration, **metrics)
+            stop_if_unscored(state, metrics)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")

@@ -116,7 +116,7 @@ def load_editing_model(
         FlowMatchEulerDiscreteScheduler,
         QwenImageTransformer2DModel,
     )
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     path = check_model_folder(path)
     vlm = AutoModelForImageTextToText.from_pretrained(path / "text_encoder", dtype=dtype).to(device).eval()
@@ -124,7 +124,7 @@ def load_editing_model(
     vae = AutoencoderKLQwenImage.from_pretrained(path / "vae", torch_dtype=dtype).to(device)
     return EditingModel(
         vlm=vlm,
-        processor=AutoProcessor.from_pretrained(path / "processor"),
+        processor=load_processor(path),
         transformer=transformer.eval(),
         vae=vae.eval(),
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler"),
@@ -132,6 +132,18 @@ def load_editing_model(
         vae_scale_factor=2 ** len(vae.temperal_downsample),
         latent_channels=vae.config.z_dim,
     )
+
+
+def load_processor(path: str | Path) -> Any:
+    """The VLM processor of a model folder alone (tokenizer, image processor, chat template; no weights): what the
+    data checks count tokens with before any model loads.
+
+    Raises:
+        ModelFolderError: the folder or one of its components is missing.
+    """
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(check_model_folder(path) / "processor")
 
 
 def save_editing_model(model: EditingModel, out_dir: str | Path, *, overwrite: bool = False,

@@ -17,7 +17,7 @@ from PIL import Image
 
 from metacot.cot import render
 from metacot.cot.schema import EditRecord, UnderstandingRecord, load_records
-from metacot.models.conditioning import build_prompt
+from metacot.models.conditioning import build_prompt, condition_text_token_counts
 from metacot.training import epoch_batch_indices
 
 
@@ -87,68 +87,65 @@ def _load_image(path: Path, resolution: int) -> Image.Image:
         return img
 
 
-def load_sft_dataset(
+@dataclass
+class CheckedSFTData:
+    """The training set as :func:`check_sft_data` found it usable, before any image is decoded.
+
+    ``edits`` holds ``(record, rendered CoT, condition prompt)``; ``skipped_overlong`` the records dropped by
+    ``on_overlong=skip`` as ``file:line id (n tokens)``.
+    """
+
+    path: Path
+    edits: list[tuple[EditRecord, str, str]]
+    understanding: list[UnderstandingRecord]
+    skipped_overlong: list[str]
+
+
+def check_sft_data(
     path: str | Path,
     *,
-    resolution: int,
     no_cot: bool,
     include_instruction: bool,
     use_understanding: bool,
     text_token_counts: Callable[[list[str]], list[int]] | None = None,
     max_tokens: int = 512,
     on_overlong: str = "error",
-    source_resolution: int | None = None,
-) -> SFTDataset:
-    """Load, validate and decode the training set.
-
-    Args:
-        path: training JSONL (``metacot.cot.schema`` records).
-        resolution: square size images are resized to.
-        no_cot: no-CoT baseline (CoTs are not required and not used).
-        include_instruction: whether the generator condition holds the instruction (see ``build_prompt``).
-        use_understanding: keep understanding samples (False when the understanding expert is frozen).
-        text_token_counts: ``prompts -> text tokens`` of each condition (after the template's dropped prefix),
-            for the budget check.
-        max_tokens: text-token budget of the condition.
-        on_overlong: "error" or "skip".
-        source_resolution: square size of each sample's ``context`` image, the source as the condition encoder
-            and the VAE see it (None = ``resolution``: no separate copy; larger with the stock pipeline's
-            one-megapixel source area, ``metacot.models.sampler.source_shape``).
+) -> CheckedSFTData:
+    """Validate the training set without decoding images: what ``metacot sft`` and ``metacot data check --stage
+    sft`` run before any model loads. Arguments as :func:`load_sft_dataset`.
 
     Raises:
-        SFTDataError: no edit samples, edit records without target image or CoT, over-budget conditions.
+        SFTDataError: no edit samples, edit records without target image or CoT, over-budget conditions (each
+            named by ``file:line``).
         metacot.cot.schema.DataError: schema violations and missing/corrupt images, with file:line.
     """
     path = Path(path)
-    records = load_records(path, check_images=True)
     problems: list[str] = []
-    edits: list[EditSample] = []
-    und: list[UnderstandingSample] = []
-    overlong: list[str] = []
-    for rec in records:
+    edits: list[tuple[EditRecord, str, str]] = []
+    lines: list[int] = []
+    und: list[UnderstandingRecord] = []
+    # load_records refuses blank and unparsable lines, so record i is on line i + 1.
+    for line, rec in enumerate(load_records(path, check_images=True), start=1):
         if isinstance(rec, EditRecord):
             if rec.target_image is None:
-                problems.append(f"{rec.id}: edit record has no target_image (SFT needs the ground-truth edit)")
+                problems.append(f"{path}:{line}: {rec.id}: edit record has no target_image (SFT needs the "
+                                f"ground-truth edit)")
                 continue
             if rec.cot is None and not no_cot:
-                problems.append(f"{rec.id}: edit record has no Meta-CoT; annotate it or train with no_cot=true")
+                problems.append(f"{path}:{line}: {rec.id}: edit record has no Meta-CoT; annotate it or train with "
+                                f"no_cot=true")
                 continue
             cot_text = "" if no_cot or rec.cot is None else render(rec.cot)
-            prompt = condition_prompt(rec.instruction, cot_text, no_cot=no_cot,
-                                      include_instruction=include_instruction)
-            source_path = _resolve(path, rec.source_image)
-            context = None
-            if source_resolution not in (None, resolution):
-                context = _load_image(source_path, source_resolution)
-            edits.append(EditSample(rec.id, _load_image(source_path, resolution),
-                                    _load_image(_resolve(path, rec.target_image), resolution),
-                                    rec.instruction, cot_text, prompt, context))
+            edits.append((rec, cot_text, condition_prompt(rec.instruction, cot_text, no_cot=no_cot,
+                                                          include_instruction=include_instruction)))
+            lines.append(line)
         elif isinstance(rec, UnderstandingRecord) and use_understanding:
-            und.append(UnderstandingSample(rec.id, _load_image(_resolve(path, rec.image), resolution),
-                                           rec.question, rec.answer, rec.kind))
+            und.append(rec)
+    overlong: list[str] = []
     if text_token_counts is not None and edits:
-        counts = text_token_counts([e.condition_prompt for e in edits])
-        overlong = [f"{e.id} ({n} tokens)" for e, n in zip(edits, counts) if n > max_tokens]
+        counts = text_token_counts([prompt for _, _, prompt in edits])
+        overlong = [f"{path}:{line} {e[0].id} ({n} tokens)" for e, line, n in zip(edits, lines, counts)
+                    if n > max_tokens]
         edits = [e for e, n in zip(edits, counts) if n <= max_tokens]
     if problems:
         raise SFTDataError(f"{path}: {len(problems)} unusable records:\n  " + "\n  ".join(problems[:50]))
@@ -160,7 +157,60 @@ def load_sft_dataset(
         )
     if not edits:
         raise SFTDataError(f"{path}: no usable edit samples; Stage 1 needs (source, instruction, target) records")
-    return SFTDataset(edits, und, overlong)
+    return CheckedSFTData(path, edits, und, overlong)
+
+
+def load_sft_dataset(path: str | Path, *, resolution: int, source_resolution: int | None = None,
+                     **checks: Any) -> SFTDataset:
+    """Load, validate (:func:`check_sft_data`, given ``checks``) and decode the training set.
+
+    Args:
+        path: training JSONL (``metacot.cot.schema`` records).
+        resolution: square size images are resized to.
+        source_resolution: square size of each sample's ``context`` image, the source as the condition encoder
+            and the VAE see it (None = ``resolution``: no separate copy; larger with the stock pipeline's
+            one-megapixel source area, ``metacot.models.sampler.source_shape``).
+        checks: the options of :func:`check_sft_data`:
+            no_cot: no-CoT baseline (CoTs are not required and not used).
+            include_instruction: whether the generator condition holds the instruction (see ``build_prompt``).
+            use_understanding: keep understanding samples (False when the understanding expert is frozen).
+            text_token_counts: ``prompts -> text tokens`` of each condition (after the template's dropped prefix),
+                for the budget check.
+            max_tokens: text-token budget of the condition.
+            on_overlong: "error" or "skip".
+
+    Raises:
+        SFTDataError, metacot.cot.schema.DataError: as :func:`check_sft_data`.
+    """
+    checked = check_sft_data(path, **checks)
+    edits = []
+    for rec, cot_text, prompt in checked.edits:
+        source_path = _resolve(checked.path, rec.source_image)
+        context = None
+        if source_resolution not in (None, resolution):
+            context = _load_image(source_path, source_resolution)
+        edits.append(EditSample(rec.id, _load_image(source_path, resolution),
+                                _load_image(_resolve(checked.path, rec.target_image), resolution),
+                                rec.instruction, cot_text, prompt, context))
+    und = [UnderstandingSample(rec.id, _load_image(_resolve(checked.path, rec.image), resolution), rec.question,
+                               rec.answer, rec.kind) for rec in checked.understanding]
+    return SFTDataset(edits, und, checked.skipped_overlong)
+
+
+def data_options(cfg: Any, processor: Any) -> dict[str, Any]:
+    """The :func:`check_sft_data` options of an ``SFTConfig``, counting tokens with the model's ``processor``."""
+    return dict(no_cot=cfg.no_cot, include_instruction=cfg.include_instruction,
+                use_understanding=cfg.understanding.trainable,
+                text_token_counts=lambda prompts: condition_text_token_counts(processor, prompts),
+                max_tokens=cfg.data.max_condition_tokens, on_overlong=cfg.data.on_overlong)
+
+
+def check_inputs(cfg: Any) -> CheckedSFTData:
+    """Stage 1's checks before any model loads (``metacot sft`` and ``metacot data check --stage sft``): the model
+    folder is complete and the training set usable, token budgets counted with the folder's processor."""
+    from metacot.models.loading import load_processor
+
+    return check_sft_data(cfg.data.train, **data_options(cfg, load_processor(cfg.model)))
 
 
 def _resolve(jsonl: Path, image: Any) -> Path:

@@ -29,11 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from metacot.final import save_final
-from metacot.models.conditioning import (
-    NEGATIVE_PROMPT,
-    condition_text_token_counts,
-    encode_conditions,
-)
+from metacot.models.conditioning import NEGATIVE_PROMPT, encode_conditions
 from metacot.models.loading import EditingModel, load_editing_model
 from metacot.models.sampler import (
     encode_latents,
@@ -44,18 +40,21 @@ from metacot.models.sampler import (
     source_shape,
 )
 from metacot.models.speed import apply_speed_options
-from metacot.run import Run
+from metacot.run import Run, RunLock
 from metacot.sft.config import SFTConfig
 from metacot.sft.data import (
     EditSample,
     SFTDataset,
     UnderstandingSample,
+    check_inputs,
+    data_options,
     load_sft_dataset,
 )
 from metacot.sft.prepare import DROP_FLAGS, collate, lm_batch, prepare_dataset
 from metacot.training import (
     StopFlag,
     build_accelerator,
+    claim_run_folder,
     load_training_state,
     lr_lambda,
     plot_metrics,
@@ -149,17 +148,17 @@ class SFTState:
         return source_shape(self.base, res, res, self.cfg.data.source_area)
 
 
-def setup(cfg: SFTConfig) -> SFTState:
-    """Load models and data (validated before any step), wrap with LoRA / freezing, build DeepSpeed, resume."""
+def setup(cfg: SFTConfig, *, lock: RunLock | None = None) -> SFTState:
+    """Load models and data (validated before any step), wrap with LoRA / freezing, build DeepSpeed, resume.
+
+    ``lock``: the run folder's lock, taken by :func:`train` before any model loads (None: the run takes it).
+    """
     seed_everything(cfg.train.seed)  # adapter initialisation draws from the global RNG
     device = cfg.train.resolved_device()
     dtype = torch.bfloat16 if cfg.train.resolved_precision() == "bf16" else torch.float32
     base = load_editing_model(cfg.model, device=device, dtype=dtype)
     data = load_sft_dataset(
-        cfg.data.train, resolution=cfg.data.resolution, no_cot=cfg.no_cot,
-        include_instruction=cfg.include_instruction, use_understanding=cfg.understanding.trainable,
-        text_token_counts=lambda prompts: condition_text_token_counts(base.processor, prompts),
-        max_tokens=cfg.data.max_condition_tokens, on_overlong=cfg.data.on_overlong,
+        cfg.data.train, resolution=cfg.data.resolution, **data_options(cfg, base.processor),
         source_resolution=source_shape(base, cfg.data.resolution, cfg.data.resolution, cfg.data.source_area)[0])
     world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
     if cfg.batch_size % (cfg.micro_batch_size * world):
@@ -181,7 +180,7 @@ def setup(cfg: SFTConfig) -> SFTState:
         optimizer, lr_lambda(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.lr_schedule))
     accelerator = build_accelerator(cfg.train, micro_batch=cfg.micro_batch_size, grad_accum=grad_accum)
     experts, optimizer, scheduler = accelerator.prepare(experts, optimizer, scheduler)
-    run = Run(cfg.output_dir, cfg, resume=cfg.train.resume, writer=accelerator.is_main_process)
+    run = Run(cfg.output_dir, cfg, resume=cfg.train.resume, writer=accelerator.is_main_process, lock=lock)
     shift = cfg.timestep_shift or sampler_shift(base, image_seq_len(base, cfg.data.resolution, cfg.data.resolution))
     state = SFTState(cfg, run, accelerator, experts, optimizer, scheduler, base, data, device, grad_accum, shift)
     latest = run.latest_checkpoint() if cfg.train.resume else None
@@ -340,8 +339,19 @@ def maybe_save_checkpoint(state: SFTState, force: bool = False) -> Path | None:
 
 
 def train(cfg: SFTConfig) -> Path:
-    """Run Stage 1 to ``train.max_steps`` (resuming if a checkpoint exists); returns the ``final/`` folder."""
-    state = setup(cfg)
+    """Run Stage 1 to ``train.max_steps`` (resuming if a checkpoint exists); returns the ``final/`` folder.
+
+    The run folder's lock is taken and the data checked (:func:`metacot.sft.data.check_inputs`) before any model
+    loads.
+    """
+    lock = claim_run_folder(cfg.output_dir)
+    try:
+        check_inputs(cfg)
+        state = setup(cfg, lock=lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     acc = state.accelerator
     bar = progress_bar(cfg.train, acc, state.step, "sft")
     t0, first = time.perf_counter(), state.step
