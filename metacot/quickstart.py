@@ -70,6 +70,10 @@ class QuickstartConfig:
     # (cot_unparsed in grpo/metrics.jsonl) and the rule judge gives them no score, so such prompts teach nothing.
     cot_source: str = "model"
     judge: QuickJudge = field(default_factory=QuickJudge)
+    # Further Stage 2 overrides (GRPOConfig keys), e.g. ["judge.min_scored_share=0"] to let GRPO run although a
+    # briefly trained Stage 1 writes CoTs that the rule judge cannot score (a real run stops: README, "A run that
+    # scores nothing fails").
+    grpo_extra: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check(self.device in {"cpu", "cuda"}, "device", "use cpu or cuda")
@@ -109,7 +113,7 @@ def grpo_overrides(q: QuickstartConfig, out: Path) -> list[str]:
             f"rollout.window_max={q.window_max}", f"policy.micro_batch_size={q.grpo_group * q.grpo_prompts // 2}",
             "policy.updates_per_epoch=2", f"generation.lr={q.grpo_lr}",
             f"eval.every={max(1, q.grpo_iterations // 5)}", f"eval.num_steps={q.eval_steps}",
-            f"train.save_every={max(1, q.grpo_iterations // 2)}", "train.wandb_mode=offline"]
+            f"train.save_every={max(1, q.grpo_iterations // 2)}", "train.wandb_mode=offline", *q.grpo_extra]
 
 
 def calibrate_rule_judge(q: QuickstartConfig, out: Path) -> None:

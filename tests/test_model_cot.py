@@ -176,13 +176,16 @@ def test_eval_conditions_on_the_trained_experts_greedy_cot(stage1, tiny_dataset:
 @pytest.mark.slow
 def test_unparsable_written_cots_are_counted_not_replaced(tiny_models, tiny_dataset: Path, tmp_path: Path) -> None:
     """A fresh random VLM (the untrained tiny pipeline) writes garbage: every CoT counts as unparsed, and the rule
-    judge gives those samples no score instead of judging against the dataset's CoT."""
-    from metacot.flow_grpo.trainer import train
+    judge gives those samples no score instead of judging against the dataset's CoT. A run that scored nothing
+    fails (judge.min_scored_share), even when it is shorter than judge.max_unscored_iterations, and writes no final/."""
+    from metacot.flow_grpo.trainer import UnscoredError, train
 
     run = tmp_path / "grpo"
-    train(load_config(GRPOConfig, "tiny", [
-        f"model={tiny_models.pipeline}", f"data.train={tiny_dataset / 'train.jsonl'}",
-        f"data.eval={tiny_dataset / 'val.jsonl'}", f"output_dir={run}", *MODEL_COT], stage="grpo"))
+    with pytest.raises(UnscoredError, match="iterations 1-1: the reward scored 0% "):
+        train(load_config(GRPOConfig, "tiny", [
+            f"model={tiny_models.pipeline}", f"data.train={tiny_dataset / 'train.jsonl'}",
+            f"data.eval={tiny_dataset / 'val.jsonl'}", f"output_dir={run}", *MODEL_COT], stage="grpo"))
+    assert not (run / "final").exists()
     logged = rows(run)
     assert logged[0]["eval_cot_unparsed"] == 2 and logged[0]["eval_cot_unparsed_share"] == 1.0
     it = next(r for r in logged if "reward_mean" in r)

@@ -82,6 +82,8 @@ class AblationConfig:
     eval_batch: int = 64  # edits sampled (and CoTs written) per batch at evaluation
     max_cot_tokens: int = 384  # generation budget of a written Meta-CoT (GRPO rollouts and evaluation)
     arms: list[str] = field(default_factory=lambda: list(ARMS))
+    # Further Stage 2 overrides (GRPOConfig keys) for arms f and g, e.g. ["judge.min_scored_share=0"].
+    grpo_extra: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check(self.device in {"cpu", "cuda"}, "device", "use cpu or cuda")
@@ -157,7 +159,7 @@ def grpo_overrides(q: AblationConfig, out: Path, arm: str, max_seconds: float = 
             f"rollout.window_max={window[1]}", f"policy.micro_batch_size={samples // 2}", "policy.updates_per_epoch=2",
             f"generation.lr={q.grpo_lr}", f"eval.every={q.eval_every}", f"eval.num_steps={q.eval_steps}",
             f"eval.prompts={min(32, q.eval_samples)}", f"data.max_cot_tokens={q.max_cot_tokens}",
-            "train.save_every=0", "train.wandb_mode=disabled", "train.progress=false"]
+            "train.save_every=0", "train.wandb_mode=disabled", "train.progress=false", *q.grpo_extra]
 
 
 def _sft(q: AblationConfig, out: Path, arm: str) -> None:

@@ -666,11 +666,13 @@ class UnscoredError(RuntimeError):
     """Too many iterations in a row in which the reward scored too few samples; the run stopped without final/."""
 
 
-def stop_if_unscored(state: GRPOState, metrics: dict[str, Any]) -> None:
+def stop_if_unscored(state: GRPOState, metrics: dict[str, Any], last: bool = False) -> None:
     """Raise :class:`UnscoredError` once ``judge.max_unscored_iterations`` iterations in a row were below
-    ``judge.min_scored_share`` (none of them was trained on)."""
+    ``judge.min_scored_share`` (none of them was trained on), or when the ``last`` iteration ends a run that never
+    trained (shorter than that streak, but a run that scored nothing all the same)."""
     j = state.cfg.judge
-    if state.unscored_streak < j.max_unscored_iterations:
+    never_trained = last and state.unscored_streak and state.optimizer_step == 0
+    if state.unscored_streak < j.max_unscored_iterations and not never_trained:
         return
     first = state.iteration - state.unscored_streak + 1
     raise UnscoredError(
@@ -720,7 +722,7 @@ def train(cfg: GRPOConfig) -> Path:
             if state.iteration % cfg.train.log_every == 0 or last or "eval_reward" in metrics or \
                     "unscored_iteration" in metrics:
                 state.run.log(state.iteration, **metrics)
-            stop_if_unscored(state, metrics)
+            stop_if_unscored(state, metrics, last)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
