@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from metacot.facts import sft_facts, write_facts
 from metacot.models.conditioning import build_prompt
 from metacot.models.loading import EditingModel, load_editing_model, save_editing_model
 from metacot.run import atomic_dir, saving
@@ -108,7 +108,7 @@ def write_final(out: Path, fresh: EditingModel, vlm: torch.nn.Module, transforme
             "prompt_format": "metacot.models.conditioning.build_prompt",
             "prompt_format_doc": PROMPT_FORMAT_DOC,
         }
-        (tmp / "metacot.json").write_text(json.dumps(meta, indent=2))
+        write_facts(tmp, meta)
     return out
 
 
@@ -121,8 +121,6 @@ def save_final(state: Any) -> Path:
         fresh, vlm, transformer = parts
         write_final(state.run.final_dir, fresh, vlm, transformer, und=cfg.understanding, gen=cfg.generation,
                     condition_with_adapter=cfg.condition_with_adapter,
-                    facts={"stage": "sft", "base_model": str(cfg.model), "step": state.step,
-                           "no_cot": cfg.no_cot, "include_instruction": cfg.include_instruction,
-                           "source_area": cfg.data.source_area})
+                    facts=sft_facts(cfg, state.step))
     acc.wait_for_everyone()
     return state.run.final_dir

@@ -261,7 +261,7 @@ def test_velocity_with_a_larger_source_uses_its_own_grid(tiny_models) -> None:
 
 
 def test_trained_source_area_of_old_and_new_finals() -> None:
-    from metacot.export.card import source_area
+    from metacot.facts import source_area
 
     assert source_area({"stage": "sft", "no_cot": False}) == 0, "finals from before the option: the output size"
     assert source_area({"stage": "sft", "source_area": STOCK_SOURCE_AREA}) == STOCK_SOURCE_AREA

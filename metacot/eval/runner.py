@@ -179,7 +179,7 @@ def run_eval(model_dir: str | Path | None, samples: Sequence[EvalSample], out: s
             _append(cache, [{**row, "cot_source": None} for row in _score_rows(name, chunk, images, judge,
                                                                              out / "images")])
     if model_dir is not None:
-        from metacot.export.card import prompt_options
+        from metacot.facts import prompt_options
         from metacot.understanding import describe_model_folder
 
         no_cot = no_cot or prompt_options(describe_model_folder(model_dir).meta)["no_cot"]  # no-CoT models write none
@@ -230,19 +230,12 @@ def _eval_model(model_dir: str | Path, todo: Sequence[EvalSample], out: Path, ca
 
 
 def trained_source_area(model_dir: str | Path) -> int:
-    """``data.source_area`` the model at ``model_dir`` trained with: from its ``metacot.json`` (a run's ``final/``),
-    or the export's beside its ``pipeline/`` folder; 0 (the output size) for a plain pipeline folder."""
-    from metacot.export.card import source_area
+    """``data.source_area`` the model at ``model_dir`` trained with: from its facts (a run's ``final/``, an export or
+    an export's ``pipeline/`` folder); 0 (the output size) for a plain pipeline folder."""
+    from metacot.facts import source_area
+    from metacot.understanding import describe_model_folder
 
-    folder = Path(model_dir)
-    for meta_path in (folder / "metacot.json", folder.parent / "metacot.json"):
-        if meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
-            if meta.get("format") == "metacot-export":
-                meta = meta["final_meta"]
-            if "stage" in meta:
-                return source_area(meta)
-    return 0
+    return source_area(describe_model_folder(model_dir).meta)
 
 
 def _mean(values: Sequence[Any]) -> float | None:

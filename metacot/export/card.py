@@ -22,6 +22,7 @@ from typing import Any
 from metacot.config import to_dict
 from metacot.cot import MetaCoT, MetaTask, TargetEntry, render
 from metacot.export.source import RunSource, load_run_config, run_stage
+from metacot.facts import prompt_options
 from metacot.models.conditioning import NEGATIVE_PROMPT, build_prompt, stock_template
 
 EXAMPLE_INSTRUCTION = "Make the red circle blue."
@@ -33,21 +34,6 @@ EXAMPLE_COT = MetaCoT(
 )
 
 
-def prompt_options(final_meta: dict[str, Any]) -> dict[str, bool]:
-    """How the exported generator was conditioned: ``no_cot`` and ``include_instruction`` of ``build_prompt``.
-
-    SFT records both; a Flow-GRPO final records its Stage 1's (it conditions the generator the same way). A plain
-    pipeline folder (``{}``) gets the defaults: instruction + Meta-CoT.
-    """
-    return {"no_cot": bool(final_meta.get("no_cot", False)),
-            "include_instruction": bool(final_meta.get("include_instruction", True))}
-
-
-def source_area(final_meta: dict[str, Any]) -> int:
-    """The pixel area the generator saw its source latents at in training (``data.source_area``; 0 = the output
-    size, also for finals written before the option existed). Inference must encode the source the same way."""
-    stage1 = final_meta.get("stage1", {}) if final_meta.get("stage") == "grpo" else {}
-    return int(final_meta.get("source_area", stage1.get("source_area", 0)))
 
 
 def example_prompt(options: dict[str, bool]) -> str:

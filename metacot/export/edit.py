@@ -62,7 +62,7 @@ def load_model(folder: str | Path, device: Any = None, dtype: Any = None) -> Loa
     """
     import torch
 
-    from metacot.export.card import prompt_options, source_area
+    from metacot.facts import prompt_options, source_area
     from metacot.models.loading import load_editing_model
     from metacot.understanding import describe_model_folder, load_understanding, merge_adapters
 

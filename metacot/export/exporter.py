@@ -10,7 +10,6 @@ by a complete, verified one.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
@@ -24,12 +23,12 @@ from metacot.export.card import (
     collect_facts,
     copy_reports,
     example_prompt,
-    prompt_options,
     render_readme,
 )
 from metacot.export.layout import DTYPES, check_disk, lora_experts, model_numel, safetensors_numel, write_weights
 from metacot.export.source import ExportError, RunSource, final_from_checkpoint, require_base, resolve_source
 from metacot.export.verify import SMOKE_STEPS, check_against, smoke_test
+from metacot.facts import prompt_options, read_facts, write_facts
 from metacot.models.conditioning import NEGATIVE_PROMPT
 from metacot.run import atomic_dir, is_complete
 
@@ -78,7 +77,7 @@ def _preflight(src: RunSource, out: Path, keep_lora: bool,
                           f"the new one is complete and verified) or choose another --out")
     if out.resolve() in (src.run.resolve(), (src.run / "final").resolve()):
         raise ExportError(f"--out {out} would replace the run's own folder; choose a folder outside the run")
-    final_meta = json.loads((src.final / "metacot.json").read_text()) if src.final is not None else None
+    final_meta = read_facts(src.final) if src.final is not None else None
     if src.checkpoint is not None:
         require_base(src.base_model, "to rebuild the model the checkpoint's weights belong to")
     base = None
@@ -142,7 +141,7 @@ def export_run(run: str | Path, out: str | Path, *, keep_lora: bool = False, ste
         if final is None:
             say(f"consolidating {src.checkpoint} with DeepSpeed's zero_to_fp32 into the run's base model")
             final = final_from_checkpoint(src, work / "final")
-            final_meta = json.loads((final / "metacot.json").read_text())
+            final_meta = read_facts(final)
         assert final_meta is not None
         say(f"writing pipeline/ and understanding/ ({dtype}, LoRA {'kept' if keep_lora else 'merged'})")
         layout = write_weights(final, final_meta, tmp, keep_lora=keep_lora, dtype=dtype, base=base).to_dict()
@@ -159,6 +158,6 @@ def export_run(run: str | Path, out: str | Path, *, keep_lora: bool = False, ste
         facts = {**collect_facts(src, final_meta), "layout": layout, "verification": verification,
                  "verification_steps": SMOKE_STEPS}
         facts["reports"] = copy_reports(facts, tmp)
-        (tmp / "metacot.json").write_text(json.dumps(facts, indent=2, sort_keys=True, default=str) + "\n")
+        write_facts(tmp, facts, sort_keys=True)
         (tmp / "README.md").write_text(render_readme(facts))
     return ExportResult(out, facts, time.perf_counter() - start)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from metacot.config import ConfigError, load_config
+from metacot.facts import read_facts
 from metacot.run import is_complete
 
 if TYPE_CHECKING:
@@ -123,7 +124,7 @@ def resolve_source(run: str | Path, step: int | None = None) -> RunSource:
             hint = f"export a checkpoint with --step N (complete checkpoints: {listed})" if steps \
                 else "finish or resume the run first (it has no complete checkpoint either)"
             raise ExportError(f"{final} {why}; {hint}")
-        meta = json.loads((final / "metacot.json").read_text())
+        meta = read_facts(final)
         return RunSource(run, stage, cfg, final, None, int(meta.get("step", -1)))
     ckpt = run / "checkpoints" / f"step-{step}"
     if step not in steps:
@@ -199,19 +200,12 @@ def _apply_ema(ckpt: Path, module: torch.nn.Module) -> bool:
 
 def final_facts(src: RunSource, trainer_state: dict[str, Any], ema: bool) -> dict[str, Any]:
     """The facts the trainers record in ``final/metacot.json`` (same keys), for a checkpoint's rebuilt folder."""
-    cfg = src.cfg
+    from metacot.facts import grpo_facts, sft_facts
+
     if src.stage == "sft":
-        return {"stage": "sft", "base_model": str(cfg.model), "step": src.step, "no_cot": cfg.no_cot,
-                "include_instruction": cfg.include_instruction, "source_area": cfg.data.source_area,
-                "from_checkpoint": str(src.checkpoint)}
-    facts = {"stage": "grpo", "base_model": str(cfg.model), "step": src.step, "source_area": cfg.data.source_area,
-             "optimizer_steps": trainer_state.get("optimizer_step"), "rewards": dict(cfg.rewards),
-             "judge": {"model": cfg.judge.model, "prompt": cfg.judge.prompt}, "ema": ema,
-             "from_checkpoint": str(src.checkpoint)}
-    upstream = src.base_model / "metacot.json"
-    if upstream.is_file():
-        facts["stage1"] = json.loads(upstream.read_text())
-    return facts
+        return sft_facts(src.cfg, src.step, from_checkpoint=str(src.checkpoint))
+    return grpo_facts(src.cfg, src.step, optimizer_steps=trainer_state.get("optimizer_step"), ema=ema,
+                      from_checkpoint=str(src.checkpoint))
 
 
 def final_from_checkpoint(src: RunSource, out: Path) -> Path:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from metacot.export.layout import DTYPES, adapter_targets, lora_experts
+from metacot.facts import read_facts
 
 SMOKE_SIZE = 64  # pixels: small enough for a CPU smoke test, a multiple of every model's 16 / 32 px grid
 SMOKE_STEPS = 2
@@ -218,7 +219,7 @@ def check_against(root: Path, layout: dict[str, Any], reference: Path) -> dict[s
     Raises:
         VerificationError: any tensor outside tolerance, or the base needed for a LoRA expert is missing.
     """
-    ref_meta = json.loads((reference / "metacot.json").read_text())
+    ref_meta = read_facts(reference)
     base = Path(ref_meta["base_model"])
     kept, dtype, report = layout["lora"] == "kept", layout["dtype"], {}
     for slot, (kind, ref_dir, expert) in _slots(ref_meta).items():

@@ -14,7 +14,6 @@ wrong input fails in seconds, not after the models loaded:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from urllib.parse import urlparse
 from metacot.config import ConfigError
 from metacot.cot import render
 from metacot.cot.schema import DataError, EditRecord, load_records
+from metacot.facts import prompt_options, read_facts, source_area
 from metacot.flow_grpo.config import GRPOConfig
 from metacot.flow_grpo.gate import check_calibration_gate, is_vlm_judge
 from rewards.contract import RewardSpecError, check_reward_specs
@@ -99,26 +99,18 @@ def check_rewards(cfg: GRPOConfig) -> None:
 
 # -- Stage 1 facts ---------------------------------------------------------------------------------------------------
 
-def stage1_meta(model_dir: str) -> dict[str, Any]:
-    """The Stage 1 facts of a run's ``final/`` (``metacot.json``; a GRPO final keeps them under ``stage1``)."""
-    meta_path = Path(model_dir) / "metacot.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    return meta if meta.get("stage") == "sft" else meta.get("stage1", {})
-
-
 def stage1_prompt_options(model_dir: str) -> dict[str, bool]:
-    """How the Stage 1 model was conditioned (``no_cot``, ``include_instruction`` from its ``metacot.json``), so
+    """How the Stage 1 model was conditioned (``no_cot``, ``include_instruction`` of its ``metacot.json``), so
     Stage 2 conditions the generator the same way; plain pipeline folders get the defaults."""
-    meta = stage1_meta(model_dir)
-    return {"no_cot": bool(meta.get("no_cot", False)), "include_instruction": bool(meta.get("include_instruction", True))}
+    return prompt_options(read_facts(model_dir))
 
 
 def check_source_area(cfg: GRPOConfig) -> None:
     """Refuse a ``data.source_area`` other than the one Stage 1 trained with (when its final/ records it)."""
-    meta = stage1_meta(cfg.model)
-    if not meta:  # a plain pipeline folder: no Stage 1 facts to match
+    facts = read_facts(cfg.model)
+    if not facts:  # a plain pipeline folder: no Stage 1 facts to match
         return
-    trained = int(meta.get("source_area", 0))  # Stage 1 finals from before the option encoded at the output size
+    trained = source_area(facts)
     if trained != cfg.data.source_area:
         raise ValueError(f"data.source_area={cfg.data.source_area}, but the Stage 1 model {cfg.model} was trained with "
                          f"source latents of area {trained}; set data.source_area={trained}")

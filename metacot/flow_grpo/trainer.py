@@ -43,6 +43,7 @@ from PIL import Image
 
 from metacot.cot import parse_lenient, render
 from metacot.cot.schema import EditRecord
+from metacot.facts import grpo_facts
 from metacot.final import FROZEN, consolidate, write_final
 from metacot.flow_grpo.config import GRPOConfig
 from metacot.flow_grpo.gate import check_calibration_gate
@@ -619,16 +620,9 @@ def save_final(state: GRPOState) -> Path:
         _restore(state, live)
     if parts is not None:
         fresh, vlm, transformer = parts
-        upstream = Path(cfg.model)
-        facts = {"stage": "grpo", "base_model": str(cfg.model), "step": state.iteration,
-                 **stage1_prompt_options(cfg.model), "source_area": cfg.data.source_area,
-                 "cot_source": cfg.data.cot_source,
-                 "optimizer_steps": state.optimizer_step, "rewards": dict(cfg.rewards),
-                 "judge": {"model": cfg.judge.model, "prompt": cfg.judge.prompt}, "ema": cfg.policy.ema_decay > 0}
-        if (upstream / "metacot.json").is_file():
-            facts["stage1"] = json.loads((upstream / "metacot.json").read_text())
+        facts = grpo_facts(cfg, state.iteration, optimizer_steps=state.optimizer_step, ema=cfg.policy.ema_decay > 0)
         write_final(state.run.final_dir, fresh, vlm, transformer, und=FROZEN, gen=cfg.generation,
-                    condition_with_adapter=True, facts=facts, carry_understanding_from=upstream)
+                    condition_with_adapter=True, facts=facts, carry_understanding_from=Path(cfg.model))
     acc.wait_for_everyone()
     return state.run.final_dir
 
