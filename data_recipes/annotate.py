@@ -66,6 +66,7 @@ from PIL import Image
 from data_recipes.importers import UNCATEGORISED, read_dataset, record_line
 from metacot.cot.format import CoTParseError, MetaCoT, MetaTask, from_dict, length_summary
 from metacot.cot.schema import SPLITS, DataError, EditRecord, Record
+from metacot.jsonl import JSONLError, cut_torn_tail, read_rows
 from rewards.cec import Prompt
 from rewards.client import (
     ChatClient,
@@ -365,16 +366,8 @@ class AppendFile:
 
     def repair(self) -> str | None:
         """Cut a torn last line (no newline: a killed write); return a message saying so, or None."""
-        if not self.path.is_file():
-            return None
-        data = self.path.read_bytes()
-        if not data or data.endswith(b"\n"):
-            return None
-        keep = data.rfind(b"\n") + 1
-        with open(self.path, "r+b") as handle:
-            handle.truncate(keep)
-            os.fsync(handle.fileno())
-        return f"{self.path}: cut a torn last line ({len(data) - keep} bytes) left by an interrupted run"
+        cut = cut_torn_tail(self.path)
+        return f"{self.path}: cut a torn last line ({cut} bytes) left by an interrupted run" if cut else None
 
     def read(self) -> list[dict[str, Any]]:
         """Every line as a dict (call :meth:`repair` first).
@@ -384,21 +377,15 @@ class AppendFile:
         """
         if not self.path.is_file():
             return []
-        out, problems = [], []
-        with open(self.path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as err:
-                    problems.append(f"{self.path}:{number}: not valid JSON ({err.msg}); fix or delete the line")
-                    continue
-                if not isinstance(value, dict) or not isinstance(value.get("id"), str):
-                    problems.append(f"{self.path}:{number}: expected an object with an id")
-                    continue
-                out.append(value)
+        try:
+            rows = read_rows(self.path, objects=False)
+        except JSONLError as exc:
+            raise DataError(self.path, exc.problems) from None
+        problems = [f"{self.path}:{number}: expected an object with an id" for number, value in rows
+                    if not isinstance(value, dict) or not isinstance(value.get("id"), str)]
         if problems:
             raise DataError(self.path, problems)
-        return out
+        return [value for _, value in rows]
 
     def append(self, line: str) -> None:
         if self._handle is None:

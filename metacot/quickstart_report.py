@@ -16,6 +16,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from metacot.jsonl import read_dicts
+
 MEASURE_HELP = {
     "sim_changed": "agreement with the ground truth on the pixels the edit must change (the headline)",
     "sim_kept": "agreement on the pixels the edit must keep (over-editing shows here)",
@@ -41,7 +43,7 @@ metacot eval --model /releases/metacot-qwen-image-edit/pipeline --data /data/met
 
 def _grid(out: Path, ids: list[str], names: tuple[str, ...], size: int = 96) -> Path | None:
     """report/grid.png: one row per test sample: source | each eval method in ``names`` | ground truth."""
-    data = {json.loads(x)["id"]: json.loads(x) for x in (out / "data" / "test.jsonl").read_text().splitlines()}
+    data = {r["id"]: r for r in read_dicts(out / "data" / "test.jsonl")}
     rows = []
     for sid in ids:
         rec = data[sid]
@@ -149,7 +151,7 @@ def _cot_note(out: Path, q: Any, grpo_rows: list[dict[str, Any]], names: tuple[s
         return ("<p class=warn>Every number below used the <b>dataset's (oracle) Meta-CoT</b> (cot_source=oracle), "
                 "not the one the model writes itself: an upper bound a deployed model never has.</p>")
     shares = [r["cot_unparsed_share"] for r in grpo_rows if "cot_unparsed_share" in r]
-    rows = [json.loads(x) for x in (out / "eval" / "samples.jsonl").read_text().splitlines() if x.strip()]
+    rows = read_dicts(out / "eval" / "samples.jsonl", torn_tail="drop")
     evals = []
     for name in names:
         texts = [r.get("cot_text") for r in rows if r["method"] == name]
@@ -169,14 +171,14 @@ def write_report(out: Path, q: Any, stages: list[dict[str, Any]], total_s: float
     results = json.loads((out / "eval" / "results.json").read_text())
     calib = json.loads((out / "calibration" / "calibration.json").read_text())
     vae = json.loads((out / "models" / "pipeline" / "vae_report.json").read_text())
-    grpo_rows = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    grpo_rows = read_dicts(out / "grpo" / "metrics.jsonl", torn_tail="drop")
     evals = [r for r in grpo_rows if "eval_reward" in r]
     from metacot.eval.runner import method_label
 
     names = ("sft_nocot", method_label("sft", q.cot_source), method_label("grpo", q.cot_source))
     sft_o, grpo_o = results["methods"][names[1]]["overall"], results["methods"][names[2]]["overall"]
-    first_ids = [json.loads(x)["id"] for x in (out / "eval" / "samples.jsonl").read_text().splitlines()
-                 if json.loads(x)["method"] == names[2]][:8]
+    first_ids = [r["id"] for r in read_dicts(out / "eval" / "samples.jsonl", torn_tail="drop")
+                 if r["method"] == names[2]][:8]
     timing = "".join(f"<tr><td>{s['stage']}</td><td>{s['seconds']:.0f} s{' (reused)' if s['reused'] else ''}</td>"
                      f"</tr>" for s in stages)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>metacot quickstart report</title>

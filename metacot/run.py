@@ -435,17 +435,10 @@ def _complete_steps(folder: Path) -> list[int]:
 
 
 def read_metrics(path: str | Path, *, skip_torn: bool = False) -> list[dict[str, Any]]:
-    """The rows of a ``metrics.jsonl``, in order. ``skip_torn``: drop lines that do not parse (torn by a kill)."""
-    rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if not skip_torn:
-                raise
-    return rows
+    """The rows of a ``metrics.jsonl``, in order. ``skip_torn``: drop a torn last line (a kill mid-write)."""
+    from metacot.jsonl import read_dicts
+
+    return read_dicts(path, torn_tail="drop" if skip_torn else "error")
 
 
 def latest_checkpoint(folder: str | Path) -> Path | None:

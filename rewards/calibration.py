@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from metacot.jsonl import JSONLError, read_rows
 from rewards.labeling import LabelError, LabelledItem, check_score, load_labels, normalize_id
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -167,15 +168,13 @@ def load_scores(paths: Sequence[str | Path]) -> tuple[Scores, dict[str, str | No
         if not path.is_file():
             problems.append(f"{path}: score file does not exist")
             continue
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
+        try:
+            rows = read_rows(path, objects=False)
+        except JSONLError as exc:
+            problems += exc.problems
+            continue
+        for lineno, row in rows:
             where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.append(f"{where}: not valid JSON ({exc.msg})")
-                continue
             sid = normalize_id(row.get("id")) if isinstance(row, dict) else None
             if sid is None:
                 problems.append(f"{where}: needs an 'id' (string or integer)")

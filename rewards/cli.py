@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from metacot.jsonl import JSONLError, read_rows
+
 from rewards.client import JudgeError
 
 # Subcommands implemented in other modules: name -> "module:function" taking argv (after the name), returning an
@@ -57,16 +59,12 @@ def load_samples(path: str | Path) -> list[dict[str, Any]]:
     """
     path = Path(path)
     records, seen = [], {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    try:
+        rows = read_rows(path)
+    except JSONLError as exc:
+        raise ScoreInputError(str(exc)) from None
+    for number, row in rows:
         where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ScoreInputError(f"{where}: not valid JSON ({exc})") from exc
-        if not isinstance(row, dict):
-            raise ScoreInputError(f"{where}: expected a JSON object, got {type(row).__name__}")
         missing = [k for k in _REQUIRED if k not in row]
         if missing:
             raise ScoreInputError(f"{where}: missing {missing}; each line needs {list(_REQUIRED)} (+ optional cot)")
@@ -95,14 +93,15 @@ def scored_pairs(path: str | Path) -> set[tuple[str, str]]:
     path = Path(path)
     if not path.exists():
         return set()
-    done = set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            row = json.loads(line)
-            done.add((str(row["id"]), str(row["prompt"])))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ScoreInputError(f"{path}:{number}: not a complete score line ({exc}); fix or delete it") from exc
-    return done
+    try:
+        rows = read_rows(path)
+    except JSONLError as exc:  # score lines are written whole (one write each): a broken one was damaged since
+        raise ScoreInputError(f"{exc.problems[0]}: not a complete score line; fix or delete it") from None
+    missing = [f"{path}:{n}: not a complete score line (no id or prompt); fix or delete it" for n, row in rows
+               if "id" not in row or "prompt" not in row]
+    if missing:
+        raise ScoreInputError(missing[0])
+    return {(str(row["id"]), str(row["prompt"])) for _, row in rows}
 
 
 def score_file(judge: Any, in_path: str | Path, out_path: str | Path, chunk_size: int = 64) -> dict[str, int]:

@@ -46,6 +46,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from metacot.jsonl import JSONLError, append_rows, read_rows
+
 IMAGE_FIELDS = ("source_image", "edited_image", "target_image")
 REQUIRED_SAMPLE_FIELDS = ("id", "source_image", "edited_image", "instruction")
 SCORE_RANGE = (0.0, 10.0)
@@ -67,17 +69,12 @@ def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
     """``(line number, parsed object)`` for every non-empty line; raises LabelError listing unparsable lines."""
     if not path.is_file():
         raise LabelError(f"{path} does not exist or is not a file")
-    rows, problems = [], []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                problems.append(f"{path}:{lineno}: not valid JSON ({exc.msg})")
-    _raise_problems(problems, str(path), "Fix or remove those lines (a torn last line after a crash can be deleted).")
-    return rows
+    try:
+        return read_rows(path, objects=False)
+    except JSONLError as exc:
+        _raise_problems(exc.problems, str(path),
+                        "Fix or remove those lines (a torn last line after a crash can be deleted).")
+        raise
 
 
 def normalize_id(value: Any) -> str | None:
@@ -336,11 +333,8 @@ class LabelSession:
                     row[key] = os.path.relpath(row[key], self.out_path.parent)
             row.update(human_score=score, annotator=self.annotator,
                        labelled_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-            # One write of a whole line, then flush + fsync: a crash leaves either the full line or nothing.
-            with open(self.out_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
+            # One write of a whole line, then flush + fsync: a crash leaves either the full line or a torn one.
+            append_rows(self.out_path, [row], ensure_ascii=False)
             self.done.add(sample_id)
         return self.state()
 

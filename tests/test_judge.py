@@ -413,7 +413,7 @@ def test_score_inputs_are_validated_with_file_and_line(tmp_path: Path) -> None:
         load_samples(bad)
     out = tmp_path / "torn.jsonl"
     out.write_text('{"id": "e0", "prompt": "cec_v1"}\n{"id": "e1", "sco')
-    with pytest.raises(ScoreInputError, match=r"torn.jsonl:2: not a complete score line"):
+    with pytest.raises(ScoreInputError, match=r"torn.jsonl:2: not valid JSON .*: not a complete score line"):
         scored_pairs(out)
     assert main(["score", "--server", "http://127.0.0.1:9", "--in", str(samples), "--out", str(out)]) == 1
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -35,6 +34,7 @@ from metacot.cot import MetaTask, render
 from metacot.cot.schema import EditRecord, load_records
 from metacot.eval.metrics import BASELINES, baseline_image, edit_scores
 from metacot.eval.scene_metrics import COT_MEASURES, SCENE_MEASURES, bootstrap_ci, cot_accuracy, instruction_consistency
+from metacot.jsonl import append_rows, read_dicts
 from metacot.models.conditioning import build_prompt
 
 MEASURES = ("sim", "sim_changed", "sim_kept", "psnr")
@@ -84,24 +84,8 @@ SUITES: dict[str, Callable[..., list[EvalSample]]] = {"jsonl": load_jsonl_suite}
 
 
 def _done(path: Path) -> set[tuple[str, str]]:
-    if not path.is_file():
-        return set()
-    done = set()
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line of a killed run: that sample is recomputed
-        done.add((row["id"], row["method"]))
-    return done
-
-
-def _append(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    # A torn last line of a killed run is left out: that sample is recomputed (and the line cut by the next append).
+    return {(row["id"], row["method"]) for row in read_dicts(path, torn_tail="drop", missing_ok=True)}
 
 
 def _score_rows(method: str, samples: Sequence[EvalSample], images: Sequence[Image.Image],
@@ -176,7 +160,7 @@ def run_eval(model_dir: str | Path | None, samples: Sequence[EvalSample], out: s
             chunk = todo[i:i + batch_size]
             images = [baseline_image(name, s.source, s.target, scene_before=getattr(s.record, "scene_before", None),
                                      scene_after=getattr(s.record, "scene_after", None)) for s in chunk]
-            _append(cache, [{**row, "cot_source": None} for row in _score_rows(name, chunk, images, judge,
+            append_rows(cache, [{**row, "cot_source": None} for row in _score_rows(name, chunk, images, judge,
                                                                              out / "images")])
     if model_dir is not None:
         from metacot.facts import prompt_options
@@ -189,7 +173,7 @@ def run_eval(model_dir: str | Path | None, samples: Sequence[EvalSample], out: s
             _eval_model(model_dir, todo, out, cache, num_steps=num_steps, cfg_scale=cfg_scale, batch_size=batch_size,
                         seed=seed, cot_source="none" if no_cot else cot_source, judge=judge, method=method,
                         device=device, max_cot_tokens=max_cot_tokens)
-    results = aggregate([json.loads(line) for line in cache.read_text().splitlines() if line.strip()])
+    results = aggregate(read_dicts(cache, torn_tail="drop"))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "table.md").write_text(format_table(results) + "\n" + format_paper_table(results))
     return results
@@ -226,7 +210,7 @@ def _eval_model(model_dir: str | Path, todo: Sequence[EvalSample], out: Path, ca
         images = edit(model, [s.source for s in chunk], prompts, height=size[1], width=size[0], num_steps=num_steps,
                       cfg_scale=cfg_scale, generator=gens, source_area=loaded.source_area)
         rows = _score_rows(method, chunk, images, judge, out / "images", cots=cots)
-        _append(cache, [{**row, "cot_source": source} for row in rows])
+        append_rows(cache, [{**row, "cot_source": source} for row in rows])
 
 
 def trained_source_area(model_dir: str | Path) -> int:

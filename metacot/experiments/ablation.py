@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from metacot.config import check, load_config, to_yaml
+from metacot.jsonl import read_dicts
 from metacot.run import is_complete
 
 ARMS: dict[str, str] = {
@@ -115,7 +116,7 @@ def arm_rows(rows: list[dict[str, Any]], arm: str) -> list[dict[str, Any]]:
 
 def write_arm_data(data: Path) -> dict[str, Path]:
     """``data/train_<arm>.jsonl`` for every Stage 1 arm (beside train.jsonl, so image paths stay valid)."""
-    rows = [json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()]
+    rows = read_dicts(data / "train.jsonl")
     paths = {}
     for arm in SFT_ARMS:
         path = data / f"train_{arm}.jsonl"
@@ -225,7 +226,7 @@ def run_grpo_arms(q: AblationConfig, out: Path, arms: list[str]) -> None:
 
 def grpo_seconds(run: Path) -> float:
     """Summed iteration seconds of a GRPO run (its last ``train_seconds``)."""
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_dicts(run / "metrics.jsonl", torn_tail="drop")
     return max((r["train_seconds"] for r in rows if "train_seconds" in r), default=0.0)
 
 

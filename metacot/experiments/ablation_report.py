@@ -14,6 +14,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from metacot.jsonl import read_dicts
+
 COLUMNS = (("ins", "Ins"), ("con", "Con"), ("nat", "Nat"), ("art", "Art"), ("cot_acc", "CoT acc"))
 
 
@@ -75,7 +77,7 @@ def curves(out: Path, path: Path) -> Path | None:
     keys = ("reward_mean", "eval_reward", "eval_target_similarity")
     fig, axes = plt.subplots(1, len(keys), figsize=(13, 3.4))
     for arm, p in runs.items():
-        rows = [json.loads(x) for x in p.read_text().splitlines()]
+        rows = read_dicts(p, torn_tail="drop")
         for ax, key in zip(axes, keys):
             pts = [(r.get("train_seconds", 0.0), r[key]) for r in rows if r.get(key) is not None]
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker=".", label=f"({arm})")
@@ -92,8 +94,8 @@ def curves(out: Path, path: Path) -> Path | None:
 
 def edit_grid(out: Path, split: str, arms: list[str], path: Path, k: int = 10, size: int = 80) -> Path | None:
     """Rows of held-out edits: source | each arm's edit | ground truth, with the instruction."""
-    rows = [json.loads(x) for x in (out / "eval" / split / "samples.jsonl").read_text().splitlines()]
-    data = {json.loads(x)["id"]: json.loads(x) for x in (out / "data" / "test.jsonl").read_text().splitlines()}
+    rows = read_dicts(out / "eval" / split / "samples.jsonl", torn_tail="drop")
+    data = {r["id"]: r for r in read_dicts(out / "data" / "test.jsonl")}
     ids = list(dict.fromkeys(r["id"] for r in rows if r["method"] == arms[0]))[:k]
     by = {(r["id"], r["method"]): r for r in rows}
     label_w = 300

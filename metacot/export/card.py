@@ -23,6 +23,7 @@ from metacot.config import to_dict
 from metacot.cot import MetaCoT, MetaTask, TargetEntry, render
 from metacot.export.source import RunSource, load_run_config, run_stage
 from metacot.facts import prompt_options
+from metacot.run import read_metrics
 from metacot.models.conditioning import NEGATIVE_PROMPT, build_prompt, stock_template
 
 EXAMPLE_INSTRUCTION = "Make the red circle blue."
@@ -68,7 +69,7 @@ def data_facts(path: str) -> dict[str, Any]:
 def metrics_facts(run: Path) -> dict[str, Any]:
     """The last metrics row and the last row with evaluation figures (``eval_*``)."""
     path = run / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = read_metrics(path, skip_torn=True) if path.is_file() else []
     last_eval = next((r for r in reversed(rows) if any(k.startswith("eval_") for k in r)), None)
     return {"rows": len(rows), "last": rows[-1] if rows else None, "last_eval": last_eval}
 

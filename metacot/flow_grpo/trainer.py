@@ -70,6 +70,7 @@ from metacot.flow_grpo.rollout import (
     score_step,
 )
 from metacot.flow_grpo.sde import default_clip_range
+from metacot.jsonl import append_rows
 from metacot.models.conditioning import NEGATIVE_PROMPT, build_prompt, encode_conditions
 from metacot.models.loading import EditingModel, load_editing_model
 from metacot.models.sampler import encode_latents, image_shapes, sigma_schedule, source_shape
@@ -209,8 +210,7 @@ def write_prompt_cots(state: GRPOState, prompts: list[Prompt], split: str) -> di
     records = gather_object([{"iteration": state.iteration, "split": split, "id": p.record.id, "text": p.cot_text,
                               "parsed": not isinstance(p.cot, str), "cut": p.cot_cut} for p in todo])
     if acc.is_main_process and records:
-        with open(state.run.root / "cots.jsonl", "a", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in records)
+        append_rows(state.run.root / "cots.jsonl", records)
     counts = acc.gather(torch.tensor([sum(isinstance(p.cot, str) for p in prompts), sum(p.cot_cut for p in prompts),
                                       len(prompts)], device=state.device).view(1, 3)).sum(0)
     return {"cot_unparsed": int(counts[0]), "cot_unparsed_share": float(counts[0] / max(1, int(counts[2]))),
