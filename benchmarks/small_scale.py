@@ -3,7 +3,7 @@
 Builds the tiny editing model (``metacot.models.tiny.build_tiny_editing_model``, VAE briefly trained) and a synthetic
 dataset (``data_recipes.synth.generate``) in a temporary folder, then runs the library's trainers with the settings
 ``metacot quickstart --device cuda`` gives them (``metacot/configs/quickstart_gpu.yaml`` through
-``metacot.quickstart.sft_overrides`` / ``grpo_overrides``: 64 px, SFT batch 64, GRPO 8 prompts x 16), with
+``metacot.experiments.quickstart.sft_overrides`` / ``grpo_overrides``: 64 px, SFT batch 64, GRPO 8 prompts x 16), with
 ``train.deepspeed=none`` (the GPU machine has no DeepSpeed):
 
 - SFT, once per ``--sft`` variant (``cached``: ``data.preprocess=true``; ``uncached``: every step tokenises and
@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def quickstart(args: argparse.Namespace, root: Path) -> Any:
     from metacot.config import load_config
-    from metacot.quickstart import QuickstartConfig
+    from metacot.experiments.quickstart import QuickstartConfig
 
     return load_config(QuickstartConfig, "quickstart_gpu", [
         f"out={root}", f"device={args.device}", f"resolution={args.resolution}", f"sft_batch={args.batch}",
@@ -116,7 +116,7 @@ def run_sft(args: argparse.Namespace, q: Any, root: Path, device: torch.device, 
             keep_final: bool) -> dict[str, Any]:
     from metacot.config import load_config
     from metacot.final import save_final
-    from metacot.quickstart import sft_overrides
+    from metacot.experiments.quickstart import sft_overrides
     from metacot.sft.config import SFTConfig
     from metacot.sft.trainer import setup, train_step
 
@@ -183,7 +183,7 @@ def run_grpo(args: argparse.Namespace, q: Any, root: Path, device: torch.device,
     from metacot.config import load_config
     from metacot.flow_grpo.config import GRPOConfig
     from metacot.flow_grpo.trainer import iteration_step, setup
-    from metacot.quickstart import grpo_overrides
+    from metacot.experiments.quickstart import grpo_overrides
 
     judge = "{weight: 1.0}" if workers == "default" else f"{{weight: 1.0, workers: {workers}}}"
     cfg = load_config(GRPOConfig, "tiny", grpo_overrides(q, root) + [

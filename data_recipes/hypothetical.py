@@ -10,7 +10,7 @@ Two recipes:
   blue circle from high above the green square." -> the circle is added where it comes to rest (Add). Falls are
   computed exactly on the boxes (an object lands on the highest object whose columns of pixels it shares), so the
   target image, the scenes and the Meta-CoT are ground truth; the Meta-CoT's thinking spells out the implied
-  meta-tasks. Built on :mod:`data_recipes.synth_scene`'s public functions (rendering, naming, sizes) without
+  meta-tasks. Built on :mod:`metacot.scenes`'s public functions (rendering, naming, sizes) without
   touching the synthetic generator. Output layout as ``metacot data synth`` (``DIR/{train,val,test}.jsonl``,
   ``DIR/images``, ``DIR/manifest.json``), atomic and byte-identical for equal seeds.
 - **Real data, rewritten** (``metacot data hypothetical --in DATASET --out DIR --server URL``): the served VLM sees
@@ -47,7 +47,7 @@ from data_recipes.annotate import (
 )
 from data_recipes.importers import read_dataset
 from data_recipes.synth import content_hash, split_of
-from data_recipes.synth_scene import Obj, Scene, describe, min_gap, name_of, render_scene, side_for
+from metacot.scenes import Obj, Scene, describe, min_gap, name_of, render_scene, side_for
 from metacot.cot.format import MetaCoT, MetaTask, TargetEntry
 from metacot.cot.schema import BACKGROUNDS, COLORS, SHAPES, SIZES, SPLITS, EditRecord, Record, write_records
 from metacot.run import atomic_dir
@@ -117,7 +117,7 @@ def physical_scene(rng: random.Random, resolution: int) -> Scene:
     """A scene of 2-3 columns standing on the ground; one column is a stack of 2-3 (squares under any shape).
 
     Every object's horizontal span contains its column's centre line, so whatever falls in a column lands on the
-    object below it. Columns keep a :func:`data_recipes.synth_scene.min_gap` apart.
+    object below it. Columns keep a :func:`metacot.scenes.min_gap` apart.
     """
     while True:
         heights = [rng.choice((2, 3))] + [rng.choice((1, 1, 2)) for _ in range(rng.randint(1, 2))]

@@ -47,7 +47,7 @@ from PIL import Image
 
 from data_recipes.synth_chains import make_chain
 from data_recipes.synth_edits import CATEGORIES, EDITS, Edit
-from data_recipes.synth_scene import Scene, random_scene, render_scene
+from metacot.scenes import Scene, random_scene, render_scene
 from data_recipes.synth_understanding import make_question
 from metacot.cot.format import length_summary, render
 from metacot.cot.schema import SPLITS, UNDERSTANDING_KINDS, EditRecord, Record, UnderstandingRecord, write_records
@@ -55,29 +55,7 @@ from metacot.run import COMPLETE_MARKER, atomic_dir
 
 RECIPE_VERSION = 1
 VAL_FRACTION = TEST_FRACTION = 0.05
-MIN_RESOLUTION = 16  # scene images alone
 MIN_DATASET_RESOLUTION = 24  # below this no label fits, so text edits and OCR questions cannot exist
-
-
-def sample_scene_images(n: int, resolution: int, seed: int) -> list[Image.Image]:
-    """Render ``n`` random scenes as the recipe draws them (e.g. to train a tiny VAE).
-
-    Args:
-        n: number of images.
-        resolution: side in pixels (square images).
-        seed: same seed, same images.
-
-    Returns:
-        ``n`` RGB images of ``resolution`` x ``resolution``.
-
-    Raises:
-        ValueError: ``n`` is negative or ``resolution`` is below 16 (objects would not fit).
-    """
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    if resolution < MIN_RESOLUTION:
-        raise ValueError(f"resolution must be >= {MIN_RESOLUTION} pixels so 2-5 objects fit, got {resolution}")
-    return [render_scene(random_scene(random.Random(f"scene-images:{seed}:{i}"), resolution)) for i in range(n)]
 
 
 def split_of(index: int, total: int) -> str:

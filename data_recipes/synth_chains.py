@@ -21,7 +21,7 @@ import random
 from dataclasses import dataclass
 
 from data_recipes.synth_edits import EDITS, Edit, changes_by_id
-from data_recipes.synth_scene import Scene, box_center, find, name_of, random_scene
+from metacot.scenes import Scene, box_center, find, name_of, random_scene
 from metacot.cot.format import MetaCoT, TargetEntry, render
 
 CHAIN_CATEGORIES = ("add", "remove", "replace", "recolour", "resize", "relabel", "move", "swap")

@@ -31,7 +31,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from data_recipes.synth_scene import (
+from metacot.scenes import (
     BESIDE,
     MAX_OBJECTS_AFTER_EDIT,
     REGIONS,

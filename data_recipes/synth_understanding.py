@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from data_recipes.synth_scene import Scene, name_of
+from metacot.scenes import Scene, name_of
 from metacot.cot.schema import SHAPES, UNDERSTANDING_KINDS
 
 _RELATIONS = {

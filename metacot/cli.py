@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("metacot.eval.cli", "evaluate edits against ground truth and baselines"),
     "launch": ("metacot.launch_cli", "render and submit SLURM jobs (DeepSpeed, judge nodes, preemption-safe)"),
     "experiment": ("metacot.experiments.cli", "the paper's ablation grid in miniature (ablation)"),
-    "quickstart": ("metacot.quickstart", "the whole pipeline end to end on tiny models (CPU) or bigger (GPU)"),
+    "quickstart": ("metacot.experiments.quickstart", "the whole pipeline end to end on tiny models (CPU) or bigger (GPU)"),
 }
 
 

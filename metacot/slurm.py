@@ -39,11 +39,11 @@ from typing import Any, Callable
 from omegaconf import MISSING
 
 from metacot.config import check, load_config, to_yaml
+from metacot.launch_files import LAUNCH_DIR
 from metacot.run import latest_checkpoint
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TEMPLATE_DIR = REPO_ROOT / "launch" / "slurm"
-ACCELERATE_CONFIG = REPO_ROOT / "launch" / "accelerate" / "deepspeed.yaml"
+TEMPLATE_DIR = LAUNCH_DIR / "slurm"
+ACCELERATE_CONFIG = LAUNCH_DIR / "accelerate" / "deepspeed.yaml"
 SIGNAL_LEAD_S = 600  # SIGUSR1 this long before the time limit: room to finish a step and save (less for short jobs)
 JUDGE_WAIT_S = 1800  # bounded wait for a judge's /health before training (loading a large VLM takes minutes)
 RECORDED_ENV = re.compile(r"^(NCCL_\w+|TORCH_NCCL_\w+|METACOT_VLLM_PYTHON)$")

@@ -22,8 +22,9 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import torch
 
 from metacot.config import check
+from metacot.launch_files import LAUNCH_DIR
 
-DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "launch" / "deepspeed"
+DEEPSPEED_DIR = LAUNCH_DIR / "deepspeed"
 
 
 @dataclass

@@ -76,8 +76,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from data_recipes.synth_scene import render_scene
 from metacot.cot.schema import BACKGROUNDS, COLORS, INK, SHAPES
+from metacot.scenes import render_scene
 from rewards.contract import RewardBatch
 
 COLOR_TOLERANCE = 64.0

@@ -18,10 +18,10 @@ pixel level, against the ground-truth target image ``T`` (the rule judge never l
 Every label line carries ``simulated: true``; calibration reports carry it on, and the Flow-GRPO gate refuses
 simulated calibrations unless told otherwise.
 
-:func:`write_demo_samples` makes a samples file to label without any model: synthetic edits whose "edited"
-images are the ground truth degraded in typical ways (:data:`DEGRADATIONS`: untouched source, blank, noise, half
-done, blurred, grainy, shifted, faint, an extra object removed or recoloured, ...), so judge scores and simulated
-labels spread over the whole 0-10 range.
+:data:`DEGRADATIONS` are the typical ways an edit goes wrong (untouched source, blank, noise, half done, blurred,
+grainy, shifted, faint, an extra object removed or recoloured, ...); :func:`data_recipes.demo_samples.write_demo_samples`
+applies them to synthetic edits to make a samples file to label without any model, whose judge scores and
+simulated labels spread over the whole 0-10 range.
 
 What this leaves out: any model of human disagreement beyond independent noise, and samples without a
 ground-truth target (they raise).
@@ -139,7 +139,7 @@ def simulate_labels(samples_path: str | Path, out_path: str | Path, n_annotators
 # -- demo samples -------------------------------------------------------------------------------------------------
 def _drop_or_recolor_kept(scene: dict[str, Any], after: dict[str, Any], recolor: bool) -> Image.Image | None:
     """The target with one object the edit keeps removed (or recoloured): an over-edit. None if nothing is kept."""
-    from data_recipes.synth_scene import free_colors, render_scene
+    from metacot.scenes import free_colors, render_scene
 
     kept = [o for o in after["objects"] if o in scene["objects"]]
     if not kept:
@@ -179,44 +179,3 @@ DEGRADATIONS: dict[str, Degrade] = {
     "extra_removed": lambda src, tgt, sb, sa, rng: _drop_or_recolor_kept(sb, sa, recolor=False),
     "extra_recolored": lambda src, tgt, sb, sa, rng: _drop_or_recolor_kept(sb, sa, recolor=True),
 }
-
-
-def write_demo_samples(out_dir: str | Path, n: int, resolution: int = 32, seed: int = 0) -> Path:
-    """Write ``n`` demo samples (synthetic edits, degraded ground truth as the "edited" image) for labelling.
-
-    Sample ``i`` is synthetic edit ``i`` of ``data_recipes.synth`` with degradation
-    ``(i + i // len(DEGRADATIONS)) % len(DEGRADATIONS)`` (the next one that applies, when an edit keeps no
-    object), so every pairing of edit category and degradation occurs. Fields: those of an edit record plus
-    ``edited_image`` and ``degradation``.
-
-    Returns:
-        The samples file ``out_dir/samples.jsonl`` (images under ``out_dir/images``).
-    """
-    from data_recipes.synth import make_edit_sample
-    from data_recipes.synth_scene import render_scene
-    from metacot.cot import to_dict
-
-    out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    names = list(DEGRADATIONS)
-    lines = []
-    for i in range(n):
-        scene, edit = make_edit_sample(seed, i, resolution)
-        src, tgt = render_scene(scene), render_scene(edit.after)
-        rng = random.Random(f"demo:{seed}:{i}")
-        first = i + i // len(names)  # not i alone: edit categories also cycle with i, and must not pair up
-        for k in range(len(names)):
-            name = names[(first + k) % len(names)]
-            edited = DEGRADATIONS[name](src, tgt, scene, edit.after, rng)
-            if edited is not None:
-                break
-        sid = f"d{i:05d}"
-        for suffix, image in (("src", src), ("tgt", tgt), ("out", edited)):
-            image.save(out_dir / "images" / f"{sid}_{suffix}.png", format="PNG")
-        lines.append({"id": sid, "source_image": f"images/{sid}_src.png", "edited_image": f"images/{sid}_out.png",
-                      "target_image": f"images/{sid}_tgt.png", "instruction": edit.instruction,
-                      "cot": to_dict(edit.cot), "category": edit.category, "scene_before": scene,
-                      "scene_after": edit.after, "degradation": name})
-    path = out_dir / "samples.jsonl"
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return path

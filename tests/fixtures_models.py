@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Everything the built folders depend on; a change to any of these files changes the cache key.
 BUILDER_SOURCES = (
     "metacot/models/tiny.py", "metacot/models/tiny_vae.py", "metacot/models/conditioning.py",
-    "data_recipes/synth.py", "data_recipes/synth_scene.py", "metacot/cot/schema.py",
+    "data_recipes/synth.py", "metacot/scenes.py", "metacot/cot/schema.py",
 )
 RESOLUTION, SEED = 32, 0
 

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from data_recipes.demo_samples import write_demo_samples
 from data_recipes.synth import make_edit_sample
-from data_recipes.synth_scene import render_scene
+from metacot.scenes import render_scene
 from rewards.calibration import calibrate_main, find_passing_calibration, score_with_reward
 from rewards.labeling import LabelError, load_labels
 from rewards.rule_judge import CECRuleJudge
-from rewards.simulated import DEGRADATIONS, pixel_agreement, simulate_labels, simulate_scores, write_demo_samples
+from rewards.simulated import DEGRADATIONS, pixel_agreement, simulate_labels, simulate_scores
 
 
 def test_pixel_agreement_bounds_and_order() -> None:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from data_recipes.synth import make_edit_sample
 from data_recipes.synth_edits import Edit
-from data_recipes.synth_scene import clone, find, render_scene
+from metacot.scenes import clone, find, render_scene
 from metacot.cot import MetaCoT, TargetEntry, render
 from metacot.eval.metrics import baseline_image
 from metacot.eval.runner import aggregate, format_paper_table

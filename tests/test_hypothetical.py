@@ -20,7 +20,7 @@ from data_recipes.hypothetical import (
     resting_on,
     support_removal,
 )
-from data_recipes.synth_scene import name_of, render_scene
+from metacot.scenes import name_of, render_scene
 from metacot.cot import MetaTask
 from metacot.cot.schema import EditRecord, load_records, validate_scene
 

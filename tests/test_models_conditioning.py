@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_recipes.synth import sample_scene_images
+from metacot.scenes import sample_scene_images
 from metacot.models.conditioning import (
     COT_HEADER,
     ConditionBudgetError,

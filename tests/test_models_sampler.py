@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_recipes.synth import sample_scene_images
+from metacot.scenes import sample_scene_images
 from metacot.models.conditioning import NEGATIVE_PROMPT, encode_conditions
 from metacot.models.loading import EditingModel, load_editing_model
 from metacot.models.sampler import (

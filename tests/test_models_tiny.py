@@ -125,7 +125,7 @@ def test_pipeline_folder_loads_as_a_stock_diffusers_pipeline(tiny_models: TinyMo
 def test_trained_vae_reconstructs_held_out_scenes(tiny_models: TinyModels) -> None:
     from diffusers import AutoencoderKLQwenImage
 
-    from data_recipes.synth import sample_scene_images
+    from metacot.scenes import sample_scene_images
 
     report = json.loads((tiny_models.pipeline / "vae_report.json").read_text())
     assert report["heldout_psnr_db"] >= 20.0
@@ -155,7 +155,7 @@ def test_vae_training_is_deterministic_and_lowers_the_error() -> None:
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert report_a["heldout_mse"] == report_b["heldout_mse"]
     untrained = tiny_vae.make_tiny_vae(seed=5).eval()
-    from data_recipes.synth import sample_scene_images
+    from metacot.scenes import sample_scene_images
 
     scenes = sample_scene_images(16, 16, seed=5 + tiny_vae.HELDOUT_SEED_OFFSET)
     assert report_a["heldout_mse"] < tiny_vae.reconstruction_error(untrained, scenes)["mse"]

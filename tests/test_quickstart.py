@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from metacot.config import load_config
-from metacot.quickstart import QuickstartConfig, run_quickstart
+from metacot.experiments.quickstart import QuickstartConfig, run_quickstart
 
 REDUCED = ["samples=120", "chains=6", "sft_steps=4", "sft_batch=8", "grpo_iterations=2", "grpo_group=2",
            "grpo_prompts=2", "rollout_steps=4", "window_size=1", "window_max=2", "eval_steps=2", "eval_samples=6",

@@ -12,7 +12,7 @@ from PIL import Image
 
 from data_recipes.synth import make_edit_sample
 from data_recipes.synth_edits import CATEGORIES
-from data_recipes.synth_scene import render_scene
+from metacot.scenes import render_scene
 from metacot.cot.schema import COLORS
 from rewards.contract import RewardBatch, build_reward
 from rewards.rule_judge import CECRuleJudge, classify_shape, largest_component, parse_name

@@ -6,8 +6,10 @@ Every rendered script is checked with ``bash -n``; what the jobs do on a real cl
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -263,3 +265,31 @@ def test_gpu_slice_splits_a_node_between_trainer_and_judge(visible: str, first: 
                           env={"CUDA_VISIBLE_DEVICES": visible, "PATH": "/usr/bin:/bin"}, capture_output=True,
                           text=True)
     assert done.returncode == 0 and done.stdout.strip() == expected, done.stderr
+
+
+def test_a_wheel_install_renders_jobs_without_the_repository(tmp_path: Path) -> None:
+    """A non-editable wheel of this checkout, installed into a folder of its own and run outside the repository:
+    `metacot launch slurm --dry-run` renders a job from the templates shipped in the wheel, and the DeepSpeed and
+    accelerate configs resolve inside the installed package (before, they were looked up beside the package, in a
+    repository a wheel user does not have)."""
+    repo = Path(__file__).resolve().parents[1]
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    pip = [sys.executable, "-m", "pip"]
+    done = subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(repo)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([*pip, "install", "-q", "--no-deps", "--target", str(site), *map(str, wheels.glob("*.whl"))],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    where = subprocess.run([sys.executable, "-c", "import metacot, metacot.slurm as s, metacot.training as t; "
+                            "print(metacot.__file__, s.TEMPLATE_DIR, s.ACCELERATE_CONFIG, t.DEEPSPEED_DIR)"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert all(Path(p).resolve().is_relative_to(site) and Path(p).exists() for p in where), where
+    done = subprocess.run([sys.executable, "-m", "metacot.cli", "launch", "slurm", "sft", "--config", "tiny",
+                           "--gpus-per-node", "0", "--dry-run", *SFT], cwd=tmp_path, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    script = next((tmp_path / "runs" / "sft" / "slurm").glob("sft-*.sbatch"))
+    assert "nothing submitted" in done.stdout and "metacot_on_signal" in script.read_text()
+    bash_syntax_ok(script)

@@ -237,7 +237,7 @@ def test_source_shape_is_the_stock_pipelines_for_real_weights(tiny_models) -> No
 
 
 def test_velocity_with_a_larger_source_uses_its_own_grid(tiny_models) -> None:
-    from data_recipes.synth import sample_scene_images
+    from metacot.scenes import sample_scene_images
 
     model = load_editing_model(tiny_models.pipeline)
     out_size, src_size = 32, 64
@@ -323,7 +323,7 @@ def test_both_stages_train_with_stock_sized_sources_and_selective_checkpointing(
     # Inference encodes the source as training did: `metacot eval` and `metacot edit` read the area from
     # metacot.json (a spy records the sizes given to the real VAE encoder).
     import metacot.models.sampler as sampler
-    from data_recipes.synth import sample_scene_images
+    from metacot.scenes import sample_scene_images
     from metacot.eval.runner import EvalSample, run_eval
     from metacot.export.edit import edit_image, load_model
 

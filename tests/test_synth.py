@@ -14,10 +14,10 @@ from fixtures_data import tiny_dataset  # noqa: F401  (session fixture; conftest
 from PIL import Image
 
 from data_recipes import cli
-from data_recipes.synth import content_hash, generate, sample_scene_images, split_of
+from data_recipes.synth import content_hash, generate, split_of
 from data_recipes.synth_chains import COT_WORD_BUDGET, OPERATION_WORDS, make_chain
 from data_recipes.synth_edits import CATEGORIES, traversal_ids
-from data_recipes.synth_scene import box_center, name_of, render_scene
+from metacot.scenes import box_center, name_of, render_scene, sample_scene_images
 from metacot.cot import MetaTask, parse, render
 from metacot.cot.schema import BACKGROUNDS, COLORS, INK, SHAPES, EditRecord, UnderstandingRecord, load_records
 from metacot.run import COMPLETE_MARKER

@@ -156,7 +156,7 @@ def instruction_consistency(edited: Image.Image, source: Image.Image, target: Im
     if whole_view or not changed:  # camera motion touches everything; an edit that changes nothing must match
         regions.append(np.ones(shape, dtype=bool))
     all_boxes = [b for boxes in changed for b in boxes] + kept
-    gap = max(1, scene_after["width"] // 32)  # data_recipes.synth_scene.min_gap, the blur halo we forgive
+    gap = max(1, scene_after["width"] // 32)  # metacot.scenes.min_gap, the blur halo we forgive
     background = ~_box_mask(all_boxes, scene_after, shape, grow=gap)
     union = np.logical_or.reduce(regions)
     # Nearer the target than the source is asked of the union: a box the edit barely changes (a small shift of a

@@ -143,7 +143,7 @@ def train_tiny_vae(resolution: int = 32, seed: int = 0, steps: int | None = None
         ``(vae, report)``: the trained VAE in eval mode, and the facts for ``vae_report.json`` (held-out MSE/PSNR,
         the mean-colour baseline, steps, seconds, latent statistics).
     """
-    from data_recipes.synth import sample_scene_images
+    from metacot.scenes import sample_scene_images
 
     steps = DEFAULT_STEPS if steps is None else steps
     vae = make_tiny_vae(seed)

@@ -324,3 +324,27 @@ def _draw_text(draw: ImageDraw.ImageDraw, box: Box, text: str, scale: int) -> No
                 if bit == "#":
                     x, y = left + (4 * index + col) * scale, top + row * scale
                     draw.rectangle([x, y, x + scale - 1, y + scale - 1], fill=INK)
+
+
+MIN_RESOLUTION = 16  # scene images alone: 2-5 objects fit
+
+
+def sample_scene_images(n: int, resolution: int, seed: int) -> list[Image.Image]:
+    """Render ``n`` random scenes as the synthetic data recipe draws them (e.g. to train a tiny VAE).
+
+    Args:
+        n: number of images.
+        resolution: side in pixels (square images).
+        seed: same seed, same images.
+
+    Returns:
+        ``n`` RGB images of ``resolution`` x ``resolution``.
+
+    Raises:
+        ValueError: ``n`` is negative or ``resolution`` is below 16 (objects would not fit).
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if resolution < MIN_RESOLUTION:
+        raise ValueError(f"resolution must be >= {MIN_RESOLUTION} pixels so 2-5 objects fit, got {resolution}")
+    return [render_scene(random_scene(random.Random(f"scene-images:{seed}:{i}"), resolution)) for i in range(n)]

@@ -118,10 +118,11 @@ def grpo_overrides(q: QuickstartConfig, out: Path) -> list[str]:
 
 def calibrate_rule_judge(q: QuickstartConfig, out: Path) -> None:
     """Demo samples -> simulated human labels -> rule-judge scores -> calibration report (+ vLLM judge if set)."""
+    from data_recipes.demo_samples import write_demo_samples
     from rewards.calibration import calibrate, score_with_reward, score_with_server, write_report
     from rewards.labeling import load_labels
     from rewards.rule_judge import CECRuleJudge
-    from rewards.simulated import simulate_labels, write_demo_samples
+    from rewards.simulated import simulate_labels
 
     work = out / "calibration_work"
     shutil.rmtree(work, ignore_errors=True)
@@ -144,7 +145,7 @@ def run_quickstart(q: QuickstartConfig) -> Path:
     from metacot.flow_grpo.config import GRPOConfig
     from metacot.flow_grpo.trainer import train as grpo_train
     from metacot.models.tiny import build_tiny_editing_model
-    from metacot.quickstart_report import write_report
+    from metacot.experiments.quickstart_report import write_report
     from metacot.sft.config import SFTConfig
     from metacot.sft.trainer import train as sft_train
 
