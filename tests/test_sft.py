@@ -173,3 +173,27 @@ def test_batch_that_does_not_divide_is_refused() -> None:
     with pytest.raises(ConfigError, match="sum to at most 1"):
         load_config(SFTConfig, None, ["model=x", "output_dir=y", "data.train=z", "cfg_dropout.text=0.9",
                                       "cfg_dropout.image=0.2"])
+
+
+def test_the_data_check_counts_a_condition_as_the_encoder_does(tiny_models, tiny_dataset, tmp_path) -> None:
+    """A condition one token over the budget only with its image's start / end markers: the check before training
+    refuses it (file:line), as encode_conditions would in step 1 (before, the check counted without the markers)."""
+    from PIL import Image
+
+    from metacot.models.conditioning import ConditionBudgetError, condition_text_token_counts, encode_conditions
+    from metacot.models.loading import load_editing_model
+    from metacot.sft.data import check_inputs, check_sft_data, data_options
+
+    cfg = sft_cfg(tiny_models, tiny_dataset / "train.jsonl", tmp_path / "run")
+    model = load_editing_model(tiny_models.pipeline)
+    checked = check_sft_data(cfg.data.train, **data_options(cfg, model.processor))
+    # What the encoder counts for a sample with its image (the most any CFG-dropout case of it has).
+    counts = condition_text_token_counts(model.processor, [p for _, _, p in checked.edits], with_image=True)
+    longest = max(range(len(counts)), key=counts.__getitem__)
+    budget = counts[longest] - 1
+    with pytest.raises(SFTDataError, match=r"train.jsonl:\d+ .*\(%d tokens\)" % counts[longest]):
+        check_inputs(sft_cfg(tiny_models, tiny_dataset / "train.jsonl", tmp_path / "run",
+                             f"data.max_condition_tokens={budget}"))
+    with pytest.raises(ConditionBudgetError):
+        encode_conditions(model.vlm, model.processor, [Image.new("RGB", (32, 32))], [checked.edits[longest][2]],
+                          max_text_tokens=budget)

@@ -201,7 +201,7 @@ def data_options(cfg: Any, processor: Any) -> dict[str, Any]:
     """The :func:`check_sft_data` options of an ``SFTConfig``, counting tokens with the model's ``processor``."""
     return dict(no_cot=cfg.no_cot, include_instruction=cfg.include_instruction,
                 use_understanding=cfg.understanding.trainable,
-                text_token_counts=lambda prompts: condition_text_token_counts(processor, prompts),
+                text_token_counts=lambda prompts: condition_text_token_counts(processor, prompts, with_image=True),
                 max_tokens=cfg.data.max_condition_tokens, on_overlong=cfg.data.on_overlong)
 
 
