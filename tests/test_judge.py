@@ -501,6 +501,19 @@ def test_judge_answering_garbage_scores_nothing() -> None:
     assert server.chat_requests == 2
 
 
+def test_an_empty_judge_model_uses_the_servers_only_model() -> None:
+    """judge.model="" (the default) means the model the server serves, as the client's model=None does (before,
+    the empty name reached the client and was refused as not served)."""
+    from helpers import LocalJudge
+
+    from metacot.flow_grpo.trainer import build_rewards
+
+    with LocalJudge("garbage") as server:
+        reward = build_rewards(_grpo_judge_cfg(server.url, "judge.model=''"))
+        assert reward(make_batch(1)) == [None]
+        assert reward.components["cec_vlm"][0].client.model == "judge"
+
+
 def test_silent_judge_fails_after_the_configured_attempts() -> None:
     """judge.timeout_s / judge.retries bound a judge that never answers: counted attempts, then ServerUnavailable
     (one line, naming the server)."""

@@ -74,7 +74,7 @@ class JudgeConfig:
     """The served VLM judge (reward ``cec_vlm``) and its calibration gate."""
 
     url: str = ""  # OpenAI-compatible server, e.g. http://127.0.0.1:8000 (``metacot reward serve``)
-    model: str = ""  # served model name
+    model: str = ""  # served model name ("" = the server's only model; refused when it serves several)
     prompt: str = "cec_v1"  # prompt variant (rewards/prompts/<name>.txt)
     mode: str = "choice"  # score reading: "parse", "choice" (structured outputs) or "logprobs"
     calibration: str = ""  # calibration.json (or its folder) from ``metacot reward calibrate``

@@ -64,7 +64,7 @@ def reward_specs(cfg: GRPOConfig) -> dict[str, dict[str, Any]]:
     """The ``rewards`` config with the ``judge`` block's settings given to every VLM-judge component (options set on
     the component itself win)."""
     judge = cfg.judge
-    shared = {"url": judge.url, "model": judge.model, "prompt": judge.prompt, "mode": judge.mode,
+    shared = {"url": judge.url, "model": judge.model or None, "prompt": judge.prompt, "mode": judge.mode,
               "timeout_s": judge.timeout_s, "retries": judge.retries, "api_key_env": judge.api_key_env or None}
     specs = {}
     for name, opts in cfg.rewards.items():
