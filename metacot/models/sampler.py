@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -252,18 +253,27 @@ def predict_velocity(
     grid = image_shapes(model, height, width)
     source_grid = _source_grid(model, image_latents.shape[1], grid if source_size is None else
                                image_shapes(model, *source_size))
-    out = (transformer if transformer is not None else model.transformer)(
-        hidden_states=hidden.to(model.dtype), timestep=sigma_t.to(model.dtype),
-        encoder_hidden_states=embeds.to(model.dtype),
-        # All-valid masks are passed as None, as the pipeline does (lets attention take its unmasked fast path).
-        encoder_hidden_states_mask=None if bool(mask.all()) else mask,
-        img_shapes=[[grid, source_grid]] * hidden.shape[0], return_dict=False,
-    )[0][:, :n]
+    out = mmdit_velocity(transformer if transformer is not None else model.transformer, hidden.to(model.dtype),
+                         sigma_t.to(model.dtype), embeds.to(model.dtype), mask,
+                         [[grid, source_grid]] * hidden.shape[0], n)
     if not guided:
         return out
     pred, neg = out[:b], out[b:]
     combined = neg + cfg_scale * (pred - neg)
     return combined * (pred.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
+
+
+def mmdit_velocity(transformer: Any, hidden: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor,
+                   mask: torch.Tensor | None, img_shapes: list[list[tuple[int, int, int]]], n_target: int) -> torch.Tensor:
+    """The one call of the MMDiT (sampling, Flow-GRPO and Stage 1 training): the velocity ``[B, n_target, C]`` of
+    the target tokens, the first ``n_target`` of ``hidden`` (the source tokens after them only condition).
+
+    ``img_shapes``: per sample, the latent grids of the target and (when ``hidden`` holds them) the source.
+    All-valid masks are passed as None, as the pipeline does (lets attention take its unmasked fast path).
+    """
+    return transformer(hidden_states=hidden, timestep=sigma, encoder_hidden_states=cond,
+                       encoder_hidden_states_mask=None if mask is None or bool(mask.all()) else mask,
+                       img_shapes=img_shapes, return_dict=False)[0][:, :n_target]
 
 
 def _source_grid(model: EditingModel, source_tokens: int, grid: tuple[int, int, int]) -> tuple[int, int, int]:

@@ -35,6 +35,7 @@ from metacot.models.sampler import (
     encode_latents,
     image_seq_len,
     image_shapes,
+    mmdit_velocity,
     resize_sources,
     sampler_shift,
     source_shape,
@@ -94,9 +95,8 @@ class Experts(torch.nn.Module):
         if gen:
             total, count = 0.0, 0
             for g in gen:
-                pred = self.transformer(hidden_states=g["hidden"], timestep=g["sigma"], encoder_hidden_states=g["cond"],
-                                        encoder_hidden_states_mask=g["mask"], img_shapes=g["img_shapes"],
-                                        return_dict=False)[0][:, : g["n_target"]]
+                pred = mmdit_velocity(self.transformer, g["hidden"], g["sigma"], g["cond"], g["mask"],
+                                      g["img_shapes"], g["n_target"])
                 b = pred.shape[0]
                 total = total + F.mse_loss(pred.float(), g["target"].float()) * b
                 count += b
