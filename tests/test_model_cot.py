@@ -30,8 +30,12 @@ VARIANTS = {
 # A high understanding LR, so 2 steps move the expert well away from the base VLM.
 STAGE1_EXTRA = ["understanding.lr=5e-2", "generation.mode=lora"]
 COT_TOKENS = 12
+# 2 Stage 1 steps and 12-token CoTs: the written CoTs rarely parse, so the rule judge scores (almost) nothing. These
+# tests check WHICH weights wrote the CoTs and what the generator saw, so GRPO runs on regardless (a real run stops:
+# judge.min_scored_share; test_unparsable_written_cots_are_counted_not_replaced checks that).
 MODEL_COT = [o for o in GRPO_FAST if not o.startswith(("data.cot_source", "train.max_steps"))] + [
-    "data.cot_source=model", f"data.max_cot_tokens={COT_TOKENS}", "train.max_steps=1", "train.save_every=0"]
+    "data.cot_source=model", f"data.max_cot_tokens={COT_TOKENS}", "train.max_steps=1", "train.save_every=0",
+    "judge.min_scored_share=0"]
 
 
 def _vlm_state(folder: Path) -> dict[str, torch.Tensor]:
@@ -184,7 +188,8 @@ def test_unparsable_written_cots_are_counted_not_replaced(tiny_models, tiny_data
     with pytest.raises(UnscoredError, match="iterations 1-1: the reward scored 0% "):
         train(load_config(GRPOConfig, "tiny", [
             f"model={tiny_models.pipeline}", f"data.train={tiny_dataset / 'train.jsonl'}",
-            f"data.eval={tiny_dataset / 'val.jsonl'}", f"output_dir={run}", *MODEL_COT], stage="grpo"))
+            f"data.eval={tiny_dataset / 'val.jsonl'}", f"output_dir={run}", *MODEL_COT,
+            "judge.min_scored_share=0.5"], stage="grpo"))  # the default
     assert not (run / "final").exists()
     logged = rows(run)
     assert logged[0]["eval_cot_unparsed"] == 2 and logged[0]["eval_cot_unparsed_share"] == 1.0

@@ -309,7 +309,9 @@ def test_both_stages_train_with_stock_sized_sources_and_selective_checkpointing(
     assert applied["checkpoint_blocks"] == 1 and applied["fused_lora_layers"] > 0 and applied["compiled_blocks"] == 2
     small = ["rollout.group_size=4", "rollout.prompts_per_iteration=1", "rollout.batch_size=4", "rollout.num_steps=2",
              "rollout.window_size=1", "rollout.window_max=2", "policy.micro_batch_size=4",
-             "policy.updates_per_epoch=1", "eval.every=0", "rewards={brightness: {weight: 1.0}}"]
+             "policy.updates_per_epoch=1", "eval.every=0", "rewards={brightness: {weight: 1.0}}",
+             # The dataset's CoT: a 1-step Stage 1 writes CoTs the preset's rule judge cannot score (no update).
+             "data.cot_source=oracle"]
     grpo = load_config(GRPOConfig, "tiny", [f"model={final}", f"data.train={tiny_dataset / 'train.jsonl'}",
                                             f"output_dir={tmp_path / 'grpo'}", "train.max_steps=1", *common, *small],
                        stage="grpo")
