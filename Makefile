@@ -46,8 +46,12 @@ system-deps:
 quickstart: venv
 	@HF_HUB_OFFLINE=1 $(VENV)/bin/metacot quickstart --out runs/quickstart
 
+# Two pytest-xdist workers (the tests use one torch thread each; tests/conftest.py keeps each shared server on one
+# worker). TEST_WORKERS=0 runs them in this process, one by one.
+TEST_WORKERS ?= 2
 test: venv vllm-env system-deps
-	@HF_HUB_OFFLINE=1 METACOT_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -q $(PYTEST_ARGS)
+	@HF_HUB_OFFLINE=1 METACOT_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -q -n $(TEST_WORKERS) \
+		--dist loadgroup $(PYTEST_ARGS)
 
 clean-venvs:
 	rm -rf $(METACOT_CACHE)/venvs

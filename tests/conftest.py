@@ -24,6 +24,23 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+# `make test` runs the suite on 2 pytest-xdist workers (one core each, see above). Tests that share a session-wide
+# server run on one worker, so each server starts once: the vLLM judge (one per session, as on a single worker) and
+# the local SLURM clusters (two clusters on one host would fight over their ports and state).
+SHARED_SERVERS = {"vllm_server": "vllm", "slurm_cluster": "slurm", "slurm_cluster_2n": "slurm"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        groups = {group for fixture, group in SHARED_SERVERS.items() if fixture in item.fixturenames}
+        if len(groups) > 1:
+            raise pytest.UsageError(f"{item.nodeid} uses the servers {sorted(groups)}: give them one xdist group")
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(groups.pop()))
+
+
 def require(condition: bool, why: str) -> None:
     """Skip locally, fail under CI=true, when a test's prerequisite is missing."""
     if condition:
