@@ -40,6 +40,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if groups:
             item.add_marker(pytest.mark.xdist_group(groups.pop()))
 
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("xdist_group"):
+            return 0
+        return 1 if item.get_closest_marker("slow") else 2
+
+    # The long chains first (each server's tests run one after another on one worker), then the slow tests, so the
+    # workers finish together instead of one waiting for the other's last long test. The sort is stable.
+    items.sort(key=rank)
+
 
 def require(condition: bool, why: str) -> None:
     """Skip locally, fail under CI=true, when a test's prerequisite is missing."""

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from data_recipes.demo_samples import write_demo_samples
 from rewards.calibration import calibrate_main, find_passing_calibration
-from rewards.simulated import simulate_labels, write_demo_samples
+from rewards.simulated import simulate_labels
 from tests.conftest import require
 
 

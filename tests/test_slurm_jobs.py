@@ -305,8 +305,9 @@ def test_grpo_with_the_judge_served_on_a_dedicated_node(slurm_2n: LocalCluster, 
 def test_calibration_array_scores_each_prompt_then_merges(slurm: LocalCluster, judge_vlm: Path, vllm_python: Path,
                                                           tmp_path: Path, capsys,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from data_recipes.demo_samples import write_demo_samples
     from rewards.cli import SUBCOMMANDS
-    from rewards.simulated import simulate_labels, write_demo_samples
+    from rewards.simulated import simulate_labels
 
     require("calibrate" in SUBCOMMANDS, "`metacot reward calibrate` is not wired in rewards.cli.SUBCOMMANDS")
     monkeypatch.setenv("METACOT_VLLM_PYTHON", str(vllm_python))
