@@ -39,24 +39,22 @@ def stage1_facts(facts: dict[str, Any]) -> dict[str, Any]:
 def prompt_options(facts: dict[str, Any]) -> dict[str, bool]:
     """How the generator was conditioned: ``no_cot`` and ``include_instruction`` of ``build_prompt``.
 
-    Flow-GRPO keeps its Stage 1's (it never changes the prompt format); a folder without facts (``{}``) gets the
-    defaults: instruction + Meta-CoT.
+    Flow-GRPO keeps its Stage 1's (it never changes the prompt format; finals written before it recorded them at the
+    top have them only under ``stage1``); a folder without facts (``{}``) gets the defaults: instruction + Meta-CoT.
     """
-    own = {k: facts[k] for k in ("no_cot", "include_instruction") if k in facts}
-    merged = {"no_cot": False, "include_instruction": True, **_stage1_options(facts), **own}
-    return {k: bool(v) for k, v in merged.items()}
-
-
-def _stage1_options(facts: dict[str, Any]) -> dict[str, Any]:
-    upstream = facts.get("stage1", {}) if facts.get("stage") == "grpo" else {}
-    return {k: upstream[k] for k in ("no_cot", "include_instruction") if k in upstream}
+    defaults = {"no_cot": False, "include_instruction": True}
+    return {k: bool(facts.get(k, _upstream(facts).get(k, default))) for k, default in defaults.items()}
 
 
 def source_area(facts: dict[str, Any]) -> int:
     """The pixel area the generator saw its source latents at in training (``data.source_area``; 0 = the output
     size, also for finals written before the option existed). Inference must encode the source the same way."""
-    upstream = facts.get("stage1", {}) if facts.get("stage") == "grpo" else {}
-    return int(facts.get("source_area", upstream.get("source_area", 0)))
+    return int(facts.get("source_area", _upstream(facts).get("source_area", 0)))
+
+
+def _upstream(facts: dict[str, Any]) -> dict[str, Any]:
+    """A Flow-GRPO folder's Stage 1 facts, where older finals kept what they did not record at the top; else {}."""
+    return facts.get("stage1", {}) if facts.get("stage") == "grpo" else {}
 
 
 def sft_facts(cfg: Any, step: int, **extra: Any) -> dict[str, Any]:

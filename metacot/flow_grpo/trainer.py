@@ -233,7 +233,8 @@ def setup(cfg: GRPOConfig, *, lock: RunLock | None = None, inputs: GRPOInputs | 
     seed_everything(cfg.train.seed)  # adapter initialisation draws from the global RNG
     device = cfg.train.resolved_device()
     dtype = torch.bfloat16 if cfg.train.resolved_precision() == "bf16" else torch.float32
-    check_source_area(cfg)
+    if inputs is None:  # train() ran check_inputs, which checks it
+        check_source_area(cfg)
     base = load_editing_model(cfg.model, device=device, dtype=dtype)
     base.vlm.requires_grad_(False)
     base.vae.requires_grad_(False)

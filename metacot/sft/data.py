@@ -182,7 +182,14 @@ def load_sft_dataset(path: str | Path, *, resolution: int, source_resolution: in
     Raises:
         SFTDataError, metacot.cot.schema.DataError: as :func:`check_sft_data`.
     """
-    checked = check_sft_data(path, **checks)
+    return decode_sft_dataset(check_sft_data(path, **checks), resolution=resolution,
+                              source_resolution=source_resolution)
+
+
+def decode_sft_dataset(checked: CheckedSFTData, *, resolution: int, source_resolution: int | None = None
+                       ) -> SFTDataset:
+    """Decode the images of a training set :func:`check_sft_data` already checked (arguments as
+    :func:`load_sft_dataset`)."""
     edits = []
     for rec, cot_text, prompt in checked.edits:
         source_path = _resolve(checked.path, rec.source_image)

@@ -44,11 +44,13 @@ from metacot.models.speed import apply_speed_options
 from metacot.run import Run, RunLock
 from metacot.sft.config import SFTConfig
 from metacot.sft.data import (
+    CheckedSFTData,
     EditSample,
     SFTDataset,
     UnderstandingSample,
     check_inputs,
     data_options,
+    decode_sft_dataset,
     load_sft_dataset,
 )
 from metacot.sft.prepare import DROP_FLAGS, collate, lm_batch, prepare_dataset
@@ -148,18 +150,22 @@ class SFTState:
         return source_shape(self.base, res, res, self.cfg.data.source_area)
 
 
-def setup(cfg: SFTConfig, *, lock: RunLock | None = None) -> SFTState:
+def setup(cfg: SFTConfig, *, lock: RunLock | None = None, checked: CheckedSFTData | None = None) -> SFTState:
     """Load models and data (validated before any step), wrap with LoRA / freezing, build DeepSpeed, resume.
 
-    ``lock``: the run folder's lock, taken by :func:`train` before any model loads (None: the run takes it).
+    ``lock`` and ``checked`` come from :func:`train`, which takes the run folder's lock and checks the data before
+    any model loads; without them (benchmarks, tests) the run takes the lock and setup checks the data itself.
     """
     seed_everything(cfg.train.seed)  # adapter initialisation draws from the global RNG
     device = cfg.train.resolved_device()
     dtype = torch.bfloat16 if cfg.train.resolved_precision() == "bf16" else torch.float32
     base = load_editing_model(cfg.model, device=device, dtype=dtype)
-    data = load_sft_dataset(
-        cfg.data.train, resolution=cfg.data.resolution, **data_options(cfg, base.processor),
-        source_resolution=source_shape(base, cfg.data.resolution, cfg.data.resolution, cfg.data.source_area)[0])
+    source_resolution = source_shape(base, cfg.data.resolution, cfg.data.resolution, cfg.data.source_area)[0]
+    if checked is not None:
+        data = decode_sft_dataset(checked, resolution=cfg.data.resolution, source_resolution=source_resolution)
+    else:
+        data = load_sft_dataset(cfg.data.train, resolution=cfg.data.resolution, source_resolution=source_resolution,
+                                **data_options(cfg, base.processor))
     world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
     if cfg.batch_size % (cfg.micro_batch_size * world):
         raise ValueError(
@@ -346,8 +352,7 @@ def train(cfg: SFTConfig) -> Path:
     """
     lock = claim_run_folder(cfg.output_dir)
     try:
-        check_inputs(cfg)
-        state = setup(cfg, lock=lock)
+        state = setup(cfg, lock=lock, checked=check_inputs(cfg))
     except BaseException:
         if lock is not None:
             lock.release()
