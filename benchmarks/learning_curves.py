@@ -16,7 +16,9 @@ Run (CPU or one GPU; ``--models`` is a ``metacot models tiny`` pipeline folder, 
 Variant keys: ``name``, ``train`` (edit records trained on: 8 = the overfit set with an identity edit, else the
 first N training edits), ``steps``, ``eval`` (steps to sample at, ``:``-separated), ``heldout`` (held-out edits
 sampled, default 16), ``res`` (resolution, default 32), ``batch``; ``sft.KEY=VALUE`` is passed to the SFT config.
-Writes ``OUT/learning_curves.json`` (rewritten after every evaluation) and a grid PNG per variant.
+Writes ``OUT/learning_curves.json`` and a grid PNG per variant (``grid_NAME.png``: source / edit / target rows for
+the training subset, then held-out), both rewritten after every evaluation, so a run stopped at its time limit
+keeps its last evaluation's samples.
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ def evaluate(state: Any, sets: dict[str, list[Any]], res: int, grid: Path | None
             for key in ("psnr", "sim_changed", "sim_kept", "ins", "con"):
                 vals = [x[key] for x in scores if x[key] is not None and x[key] == x[key]]
                 out[f"{name}_{key}"] = sum(vals) / max(1, len(vals))
+            single = [x["ins"] for x, s in zip(scores, samples) if len(s.meta_tasks) == 1 and x["ins"] is not None]
+            out[f"{name}_ins_single"] = sum(single) / max(1, len(single))  # the issue's bar: single meta-tasks
+            out[f"{name}_n_single"] = len(single)
             images_all.append((samples[:8], images[:8]))
     finally:
         experts.train()
@@ -137,8 +142,7 @@ def run_variant(spec: dict[str, Any], args: argparse.Namespace, results: dict[st
                 recent = losses[-10:]
                 row = {"step": state.step, "train_seconds": round(train_s, 1),
                        **{k: sum(m.get(k, 0.0) for m in recent) / len(recent) for k in ("loss_und", "loss_gen")},
-                       **evaluate(state, sets, res, Path(args.out) / f"grid_{spec['name']}_{state.step}.png"
-                                  if state.step == spec["eval"][-1] else None)}
+                       **evaluate(state, sets, res, Path(args.out) / f"grid_{spec['name']}.png")}
                 entry["curve"].append(row)
                 print(json.dumps({"variant": spec["name"], **{k: round(v, 4) if isinstance(v, float) else v
                                                               for k, v in row.items()}}), flush=True)

@@ -100,6 +100,39 @@ def test_dropout_rates_are_honoured() -> None:
     assert share["none"] == pytest.approx(0.65, abs=0.01)
 
 
+def test_edit_region_weight_counts_the_changed_tokens_more(monkeypatch) -> None:
+    """The weights mark exactly the tokens whose latents the edit changed; the weighted loss of a prediction that
+    is wrong only there grows with the weight, and with all weights equal it is the plain mean squared error."""
+    import torch
+
+    import metacot.sft.trainer as T
+
+    source = torch.zeros(2, 4, 3)
+    target = source.clone()
+    target[0, 1] = 1.0  # sample 0: token 1 edited
+    target[1, 2] = T.EDIT_TOKEN_THRESHOLD / 2  # sample 1: below the threshold, VAE noise
+    w = T.edit_token_weights(target, source, 4.0)
+    assert w.tolist() == [[1, 5, 1, 1], [1, 1, 1, 1]]
+    with pytest.raises(ValueError, match="source_area=0"):
+        T.edit_token_weights(target, source[:, :2], 4.0)
+
+    # The MMDiT call is replaced by "the velocity is the hidden input", so the loss is set by hand exactly.
+    monkeypatch.setattr(T, "mmdit_velocity", lambda transformer, hidden, *args, **kwargs: hidden)
+    experts = T.Experts(torch.nn.Identity(), torch.nn.Identity())
+    miss = torch.zeros(2, 4, 3)
+    miss[0, 1] = 1.0  # the prediction (zeros) misses only the edited token of sample 0
+    group = {"hidden": torch.zeros(2, 4, 3), "sigma": torch.ones(2), "cond": torch.zeros(2, 1, 3), "mask": None,
+             "img_shapes": [[(1, 2, 2)]] * 2, "target": miss, "n_target": 4}
+    plain = float(experts(None, [group])["loss_gen"])
+    ones = float(experts(None, [group | {"weight": torch.ones(2, 4)}])["loss_gen"])
+    heavy = float(experts(None, [group | {"weight": w}])["loss_gen"])
+    assert plain == pytest.approx(1 / 8) and ones == pytest.approx(plain)  # one of 4 tokens, mean of 2 samples
+    assert heavy == pytest.approx((5 / 8 + 0) / 2)  # sample 0: weight 5 of 8 on its miss; sample 1: no miss
+    with pytest.raises(ConfigError, match="source_area=0"):
+        load_config(SFTConfig, None, ["model=x", "output_dir=y", "data.train=z", "edit_region_weight=2",
+                                      "data.source_area=4096"])
+
+
 def test_no_cot_removes_the_cot_from_the_condition(tiny_dataset) -> None:
     with_cot = load_sft_dataset(tiny_dataset / "train.jsonl", resolution=32, no_cot=False, include_instruction=True,
                                 use_understanding=False)

@@ -83,6 +83,12 @@ class SFTConfig:
     # from: without it, logit-normal draws put ~1.4% of samples above sigma 0.9 while every edit starts at sigma 1,
     # and the velocity error there was the largest (shared/notes/learning-investigation.md).
     timestep_shift: float = 0.0
+    # Extra weight of the flow-matching loss on the latent tokens the edit changes (where the target's latent differs
+    # from the source's by more than EDIT_TOKEN_THRESHOLD): weight 1 + edit_region_weight there, 1 elsewhere, and
+    # the loss is the weighted mean. An edit touches a few percent of the image; copying the source already takes
+    # most of the plain loss, so the edit's own signal is small (README, "Presets that learn"). 0 = the plain loss.
+    # Needs the source latents at the output size (data.source_area=0).
+    edit_region_weight: float = 0.0
 
     def __post_init__(self) -> None:
         check(self.batch_size > 0 and self.micro_batch_size > 0, "batch_size", "must be positive")
@@ -101,5 +107,9 @@ class SFTConfig:
         check(self.timestep_shift >= 0, "timestep_shift", "must be > 0, or 0 for the sampler's own shift")
         check(not (self.no_cot and not self.include_instruction), "include_instruction",
               "cannot be false together with no_cot=true: the condition would hold neither instruction nor CoT")
+        check(self.edit_region_weight >= 0, "edit_region_weight", "must be >= 0 (0 = the plain loss)")
+        check(self.edit_region_weight == 0 or self.data.source_area == 0, "edit_region_weight",
+              "needs the source latents at the output size to find the changed tokens: set data.source_area=0 or "
+              "edit_region_weight=0")
         check(self.und_loss_weight >= 0 and self.gen_loss_weight >= 0, "und_loss_weight / gen_loss_weight",
               "must be >= 0")

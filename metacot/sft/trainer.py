@@ -89,7 +89,8 @@ class Experts(torch.nn.Module):
             lm: tokenised chat batch with ``labels`` (-100 outside assistant turns), or None.
             gen: groups of generation inputs sharing a token layout (with / without image context); each has
                 ``hidden`` [b, N(+N_ctx), C], ``sigma`` [b], ``cond`` [b, L, D], ``mask`` [b, L] | None,
-                ``img_shapes``, ``target`` [b, N, C] (velocity), ``n_target`` (N).
+                ``img_shapes``, ``target`` [b, N, C] (velocity), ``n_target`` (N), and optionally ``weight``
+                [b, N] (per-token loss weights, :func:`edit_token_weights`).
         """
         out: dict[str, torch.Tensor] = {}
         if lm is not None:
@@ -100,13 +101,33 @@ class Experts(torch.nn.Module):
                 pred = mmdit_velocity(self.transformer, g["hidden"], g["sigma"], g["cond"], g["mask"],
                                       g["img_shapes"], g["n_target"])
                 b = pred.shape[0]
-                total = total + F.mse_loss(pred.float(), g["target"].float()) * b
+                if g.get("weight") is None:
+                    total = total + F.mse_loss(pred.float(), g["target"].float()) * b
+                else:  # per-sample weighted mean over tokens (edit_region_weight), then the mean over samples
+                    se = (pred.float() - g["target"].float()).pow(2).mean(-1)
+                    w = g["weight"]
+                    total = total + ((se * w).sum(1) / w.sum(1)).sum()
                 count += b
             out["loss_gen"] = total / count
         return out
 
 
 # -- pure pieces -------------------------------------------------------------------------------------------------
+
+EDIT_TOKEN_THRESHOLD = 0.1  # mean |target - source| over a token's normalised latent channels to count as edited
+
+
+def edit_token_weights(target: torch.Tensor, source: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-token loss weights [B, N] of packed latents ``target`` / ``source`` [B, N, C] (same layout): ``1 +
+    weight`` on the tokens the edit changes (mean absolute latent difference above :data:`EDIT_TOKEN_THRESHOLD`), 1
+    elsewhere. With the tiny VAE at 32 px (16 tokens), an add touches about a quarter of the tokens, a remove or a
+    replace about 3/8, and VAE noise leaves untouched tokens below 0.02 (measured on the synthetic test split)."""
+    if target.shape != source.shape:
+        raise ValueError(f"edit weights need source latents in the target's layout, got {tuple(source.shape)} for "
+                         f"{tuple(target.shape)}; train with data.source_area=0")
+    changed = (target.float() - source.float()).abs().mean(-1) > EDIT_TOKEN_THRESHOLD
+    return 1.0 + weight * changed.float()
+
 
 def sample_sigmas(n: int, cfg: SFTConfig, gen: torch.Generator, shift: float) -> torch.Tensor:
     """Training noise levels sigma in (0, 1) [n]: logit-normal or uniform, then the shift ``shift`` (> 0)."""
@@ -270,6 +291,7 @@ def build_inputs(state: SFTState, edits: list[EditSample], und: list[Understandi
     sig = sigma.to(dev, x0.dtype).view(-1, 1, 1)
     x_t = (1 - sig) * x0 + sig * noise
     velocity = noise - x0
+    weights = edit_token_weights(x0, ctx, cfg.edit_region_weight) if cfg.edit_region_weight > 0 else None
     prompts = [NEGATIVE_PROMPT if DROP_FLAGS[c][0] else s.condition_prompt for s, c in zip(edits, cases)]
     drop_image = [DROP_FLAGS[c][1] for c in cases]
     encoder = experts.vlm
@@ -292,7 +314,8 @@ def build_inputs(state: SFTState, edits: list[EditSample], und: list[Understandi
         groups.append({"hidden": hidden, "sigma": sigma.to(dev, x0.dtype)[ix], "cond": cond[ix],
                        "mask": None if m is None or bool(m.all()) else m,
                        "img_shapes": [[shape, src_shape] if with_ctx else [shape]] * len(idx),
-                       "target": velocity[ix], "n_target": x0.shape[1]})
+                       "target": velocity[ix], "n_target": x0.shape[1],
+                       "weight": None if weights is None else weights[ix]})
     counts = {f"drop_{c}": sum(1 for x in cases if x == c) for c in DROP_CASES}
     return lm, groups, counts
 
