@@ -60,7 +60,7 @@ def evaluate(state: Any, sets: dict[str, list[Any]], res: int, grid: Path | None
     from metacot.eval.scene_metrics import instruction_consistency
     from metacot.models.conditioning import build_prompt
     from metacot.models.sampler import edit
-    from metacot.understanding import write_cots
+    from metacot.understanding import fit_to_budget, write_cots
 
     experts = state.accelerator.unwrap_model(state.experts)
     model = dataclasses.replace(state.base, vlm=experts.vlm, transformer=experts.transformer)
@@ -75,8 +75,13 @@ def evaluate(state: Any, sets: dict[str, list[Any]], res: int, grid: Path | None
                                      [s.instruction for s in samples], max_new_tokens=300)
                 out[f"{name}_cot_verbatim"] = sum(w.text == s.cot_text for w, s in zip(written, samples)) / len(samples)
                 out[f"{name}_cot_parsed"] = sum(w.parsed.cot is not None for w in written) / len(samples)
-            prompts = [build_prompt(s.instruction, None if w is None else (w.text or None))
-                       for s, w in zip(samples, written)]
+            # A rambling CoT is cut to the condition budget, as metacot eval and the GRPO rollouts do (counted).
+            fitted = [None if w is None else fit_to_budget(model.processor, s.instruction, w.text)
+                      for s, w in zip(samples, written)]
+            if not state.cfg.no_cot:
+                out[f"{name}_cot_cut"] = sum(f[1] for f in fitted) / len(samples)
+            prompts = [build_prompt(s.instruction, None if f is None else (f[0] or None))
+                       for s, f in zip(samples, fitted)]
             gens = [torch.Generator().manual_seed(k) for k in range(len(samples))]
             with torch.no_grad():
                 images = edit(model, [s.source for s in samples], prompts, height=res, width=res, num_steps=16,
@@ -129,7 +134,9 @@ def run_variant(spec: dict[str, Any], args: argparse.Namespace, results: dict[st
         *spec["sft"]], stage="sft")
     sets = {"train": load_jsonl_suite(train_file, resolution=res)[:8],
             "heldout": load_jsonl_suite(data / "test.jsonl", resolution=res)[:spec["heldout"]]}
+    t_setup = time.perf_counter()
     state = T.setup(cfg)
+    print(json.dumps({"variant": spec["name"], "setup_seconds": round(time.perf_counter() - t_setup, 1)}), flush=True)
     entry: dict[str, Any] = {"spec": {k: v for k, v in spec.items()}, "curve": []}
     results[spec["name"]] = entry
     t0 = time.perf_counter()
@@ -175,7 +182,13 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--models", required=True, help="tiny pipeline folder (built there when missing)")
     parser.add_argument("--variant", action="append", required=True)
+    parser.add_argument("--stack-dump", type=float, default=0,
+                        help="every this many seconds, print every thread's stack to stderr (where a run hangs)")
     args = parser.parse_args()
+    if args.stack_dump:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(args.stack_dump, repeat=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if not Path(args.models).is_dir():
         from metacot.models.tiny import build_tiny_editing_model

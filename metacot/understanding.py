@@ -137,11 +137,14 @@ def load_understanding(folder: str | Path, *, device: Any = "cpu", dtype: torch.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from metacot.models.vision_attention import use_grouped_vision_attention
+
     desc = describe_model_folder(folder)
     same = desc.shares_text_encoder and desc.adapters_on("understanding") == desc.adapters_on("pipeline/text_encoder")
     if same and text_encoder is not None:
         return text_encoder
     vlm = AutoModelForImageTextToText.from_pretrained(desc.understanding, dtype=dtype)
+    use_grouped_vision_attention(vlm)
     vlm = merge_adapters(vlm, desc.root, desc.adapters_on("understanding")).to(device).eval().requires_grad_(False)
     return vlm, AutoProcessor.from_pretrained(desc.processor)
 
