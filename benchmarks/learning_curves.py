@@ -130,7 +130,7 @@ def run_variant(spec: dict[str, Any], args: argparse.Namespace, results: dict[st
         f"model={args.models}", f"data.train={train_file}", f"output_dir={root / 'run'}", f"data.resolution={res}",
         f"train.max_steps={spec['steps']}", f"batch_size={spec['batch']}", f"micro_batch_size={spec['batch']}",
         f"train.device={args.device}", "train.wandb_mode=disabled", "train.progress=false", "train.save_every=0",
-        "train.log_every=10", "train.resume=false", *([] if args.device == "cpu" else ["train.deepspeed=none"]),
+        "train.log_every=10", "train.resume=false", "train.deepspeed=none",  # one process: the plain loop
         *spec["sft"]], stage="sft")
     sets = {"train": load_jsonl_suite(train_file, resolution=res)[:8],
             "heldout": load_jsonl_suite(data / "test.jsonl", resolution=res)[:spec["heldout"]]}

@@ -85,3 +85,26 @@ def test_grpo_iteration_tiny(tmp_path: Path, one_process: None, tiny_models) -> 
     # One CFG velocity = a conditional and a negative sequence; r=64 LoRA on attention and MLP.
     assert row["pair_flops"]["sequences"] == 2
     assert row["pair_flops"]["matmul"] / 2 == pytest.approx(_tiny_matmul_flops_per_sequence(64, mlp=True), rel=1e-9)
+
+
+@pytest.mark.slow
+def test_learning_curves_runs_and_reports_each_evaluation(tiny_models, tmp_path, one_process, monkeypatch) -> None:
+    """Two evaluations on the CPU: the curve has a row per evaluation with the held-out columns the README's tables
+    quote (Ins on single meta-tasks, written CoTs parsed / cut), and the grid is rewritten at each evaluation."""
+    import sys
+
+    lc = _load("learning_curves")
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", [
+        "learning_curves.py", "--device", "cpu", "--out", str(out), "--models", str(tiny_models.pipeline),
+        "--variant", "name=v,train=64,steps=2,eval=1:2,heldout=4,batch=4,sft.edit_region_weight=2"])
+    lc.main()
+    result = json.loads((out / "learning_curves.json").read_text())
+    assert "error" not in result["v"], result["v"].get("error")
+    rows = result["v"]["curve"]
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("heldout_ins", "heldout_ins_single", "heldout_n_single", "heldout_cot_parsed", "heldout_cot_cut",
+                "train_psnr", "loss_gen"):
+        assert all(key in r for r in rows), key
+    assert rows[0]["heldout_n_single"] > 0
+    assert (out / "grid_v.png").is_file()
