@@ -480,7 +480,9 @@ def calibrate_main(argv: list[str]) -> int:
     parser.add_argument("--min-r", type=float, default=0.8, help="Pearson r a variant needs (default 0.8)")
     parser.add_argument("--max-mae", type=float, default=2.5, help="MAE on 0-10 a variant may have (default 2.5)")
     parser.add_argument("--judge-model", help="the judge's model name (required with --scores)")
-    args = parser.parse_args(argv)
+    from metacot.cli_config import parse_args
+
+    args = parse_args(parser, argv)  # flags, or --config FILE and key=value (metacot.cli_config)
     try:
         if not 0 < args.min_r <= 1 or not 0 < args.max_mae <= 10:
             raise CalibrationError(f"--min-r must be in (0, 1] and --max-mae in (0, 10]; got {args.min_r}, "

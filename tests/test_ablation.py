@@ -57,6 +57,14 @@ def test_full_trajectory_arm_gets_the_early_arms_time_budget() -> None:
     assert f["model"] == g["model"] == "/o/arms/d/sft/final"
 
 
+def test_parallel_workers_split_the_cores_unless_the_user_chose() -> None:
+    from metacot.experiments.ablation import worker_env
+
+    assert worker_env(5, {"PATH": "/bin"}, cpus=16) == {"PATH": "/bin", "OMP_NUM_THREADS": "3"}
+    assert worker_env(32, {}, cpus=16)["OMP_NUM_THREADS"] == "1"
+    assert worker_env(2, {"OMP_NUM_THREADS": "6"}, cpus=16)["OMP_NUM_THREADS"] == "6"
+
+
 def test_grpo_arms_without_d_are_refused() -> None:
     with pytest.raises(ConfigError, match="include d"):
         load_config(AblationConfig, "ablation_toy", ["arms=[a,f]"])

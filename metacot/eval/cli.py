@@ -7,6 +7,7 @@ Examples::
         # rows "sft (oracle CoT)": conditioned on the dataset's Meta-CoT instead of the model's own
     metacot eval --model runs/grpo/final --data test.jsonl --out runs/eval --method grpo \
         --judge-url http://127.0.0.1:8000 --judge-model judge --judge-prompt cec_v2   # not the training prompt
+    metacot eval --config eval.yaml out=runs/eval-oracle cot_source=oracle   # a YAML of the flags, then overrides
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--judge-model", default="")
     parser.add_argument("--judge-prompt", default="cec_v2", help="use a prompt other than the training reward's")
     parser.add_argument("--judge-mode", default="choice", choices=("parse", "choice", "logprobs"))
-    args = parser.parse_args(argv)
+    from metacot.cli_config import parse_args
+
+    args = parse_args(parser, argv)  # flags, or --config FILE and key=value (metacot.cli_config)
     if args.model is None and not args.baselines_only:
         parser.error("--model is required unless --baselines-only")
     from metacot.eval.runner import SUITES, format_paper_table, format_table, run_eval

@@ -171,6 +171,20 @@ def _sft(q: AblationConfig, out: Path, arm: str) -> None:
                       stage="sft"))
 
 
+def worker_env(parallel: int, environ: dict[str, str] | None = None, cpus: int | None = None) -> dict[str, str]:
+    """The environment of one of ``parallel`` Stage 1 worker processes: the machine's cores split between them.
+
+    Each PyTorch process otherwise starts one intra-op thread per core; ``parallel`` of them during the host-side
+    preprocessing oversubscribe the CPU (on the H200 machine two such processes printed nothing past model loading
+    in 545 s, where one alone preprocessed the same data in 75 s: benchmarks/NOTES.md, session 4). A thread count
+    the user set (``OMP_NUM_THREADS``) is kept.
+    """
+    env = dict(os.environ if environ is None else environ)
+    if not env.get("OMP_NUM_THREADS"):
+        env["OMP_NUM_THREADS"] = str(max(1, (cpus or os.cpu_count() or 1) // parallel))
+    return env
+
+
 def run_sft_arms(q: AblationConfig, out: Path, arms: list[str]) -> dict[str, float]:
     """Stage 1 of ``arms`` (those without a complete final/), ``q.parallel`` at a time; returns wall seconds each."""
     todo = [a for a in arms if not is_complete(out / "arms" / a / "sft" / "final")]
@@ -192,7 +206,7 @@ def run_sft_arms(q: AblationConfig, out: Path, arms: list[str]) -> dict[str, flo
             cmd = [sys.executable, "-m", "metacot.experiments.ablation", "--sft-arm", arm, "--config",
                    str(out / "ablation.yaml")]
             handle = open(log, "w")
-            proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=os.environ.copy())
+            proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=worker_env(q.parallel))
             running.append((arm, proc, handle, time.perf_counter()))
         for item in list(running):
             arm, proc, handle, t0 = item

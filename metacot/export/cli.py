@@ -5,6 +5,7 @@ Examples::
     metacot export runs/grpo --out exports/grpo                       # final/, LoRA merged, bf16, verified
     metacot export runs/sft --out exports/sft-lora --keep-lora        # peft adapters beside the base weights
     metacot export runs/sft --out exports/sft-200 --step 200 --dtype fp32 --check-against runs/sft
+    metacot export runs/sft --config export.yaml out=exports/sft-b       # a YAML of the flags, then overrides
 
 What ``DIR`` holds: ``pipeline/`` (a QwenImageEditPipeline folder), ``understanding/`` (the Meta-CoT writer as a
 transformers folder), ``adapters/`` (with --keep-lora), ``README.md`` (model card), ``metacot.json``, ``report/``.
@@ -39,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from metacot.cli_config import parse_args
+
+    args = parse_args(build_parser(), argv)  # flags, or --config FILE and key=value (metacot.cli_config)
     from metacot.export.exporter import export_run
     from metacot.export.source import ExportError
     from metacot.export.verify import VerificationError
