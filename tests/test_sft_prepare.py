@@ -56,7 +56,15 @@ def test_collated_cache_is_the_processors_batch(tiny_models, tiny_dataset, tmp_p
     got = collate([s.prepared.lm for s in chats], tok.pad_token_id)
     pairs = [(s.source, s.instruction, s.cot_text) for s in data.edits]
     pairs += [(s.image, s.question, s.answer) for s in data.understanding]
-    _assert_same_batch(got, lm_batch(base.processor, pairs, torch.device("cpu")))
+    want = lm_batch(base.processor, pairs, torch.device("cpu"))
+    # The chats also carry their rotary positions: exactly what the model computes from the whole batch.
+    positions = got.pop("position_ids")
+    _assert_same_batch(got, want)
+    expected, _ = base.vlm.model.get_rope_index(want["input_ids"], mm_token_type_ids=want["mm_token_type_ids"],
+                                                image_grid_thw=want["image_grid_thw"],
+                                                attention_mask=want["attention_mask"])
+    assert positions.shape == expected.shape and torch.equal(positions, expected)
+    assert len({tuple(s.prepared.lm["input_ids"].shape) for s in chats}) > 1, "the chats have different lengths"
     # The image patches of one image are stored once, whatever the number of cases that show it.
     p = data.edits[0].prepared
     assert p.cond["text"]["pixel_values"] is p.cond["none"]["pixel_values"] is p.lm["pixel_values"]
@@ -83,8 +91,18 @@ def test_a_step_with_the_cache_has_the_losses_of_one_without(tiny_models, tiny_d
             assert (lm is not None) == (not cfg.no_cot or bool(und))
             assert sum(counts[k] > 0 for k in counts) >= 3, counts  # the batch mixes dropout cases
             torch.manual_seed(0)
-            with torch.no_grad():
-                losses[preprocess] = {k: float(v) for k, v in _unwrapped(state)(lm, groups).items()}
+            calls = []
+            model = _unwrapped(state).vlm.model
+            real = type(model).get_rope_index
+            model.get_rope_index = lambda *a, **k: (calls.append(1), real(model, *a, **k))[1]
+            try:
+                with torch.no_grad():
+                    losses[preprocess] = {k: float(v) for k, v in _unwrapped(state)(lm, groups).items()}
+            finally:
+                del model.get_rope_index
+            # With the cache the LM batch brings its rotary positions: the forward computes none.
+            if lm is not None:
+                assert (len(calls) == 0) == preprocess, (preprocess, len(calls))
         finally:
             state.run.close()
             release_accelerator(state.accelerator)

@@ -32,6 +32,8 @@ from metacot.models.sampler import encode_latents, resize_sources
 CACHE_BUDGET_BYTES = 16 * 2**30
 # Keys of a processor batch that are per image rather than per token: concatenated, not padded.
 IMAGE_KEYS = ("pixel_values", "image_grid_thw")
+# The multimodal rotary positions of an LM chat, [3, 1, L] per sample (:func:`with_position_ids`).
+POSITION_KEY = "position_ids"
 # Condition inputs of each CFG-dropout case: (prompt replaced by NEGATIVE_PROMPT, image left out).
 DROP_FLAGS = {"none": (False, False), "text": (True, False), "image": (False, True), "both": (True, True)}
 
@@ -88,6 +90,24 @@ def lm_batch(processor: Any, samples: list[tuple[Any, str, str]], device: torch.
     return {k: v.to(device) for k, v in enc.items()}
 
 
+def with_position_ids(vlm: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch`` plus ``position_ids`` ``[3, B, L]``: the multimodal rotary positions the model's forward would
+    compute from it (Qwen2-VL's ``get_rope_index``: a Python loop over the samples, ~70 operators per sample and step
+    at the mini size), computed once at preprocessing instead. Positions of a sample's tokens do not depend on the
+    other samples of the batch (padding is masked out; pads get 0, as ``get_rope_index`` gives them), so they are
+    split and collated per sample like the tokens. A batch without images, or a model without ``get_rope_index``,
+    is returned as it is (the forward then computes its positions itself).
+    """
+    owner = next((m for m in vlm.modules() if hasattr(type(m), "get_rope_index")), None)
+    if owner is None or "image_grid_thw" not in batch or "mm_token_type_ids" not in batch:
+        return batch
+    with torch.no_grad():
+        positions, _ = owner.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                                            image_grid_thw=batch["image_grid_thw"],
+                                            attention_mask=batch["attention_mask"])
+    return {**batch, "position_ids": positions}
+
+
 def split(batch: dict[str, torch.Tensor], side: str) -> list[dict[str, torch.Tensor]]:
     """The inverse of :func:`collate`: one processor batch (one image or none per sample) -> single samples."""
     length = batch["input_ids"].shape[1]
@@ -95,7 +115,9 @@ def split(batch: dict[str, torch.Tensor], side: str) -> list[dict[str, torch.Ten
     items, offset = [], 0
     for i, n in enumerate(batch["attention_mask"].sum(1).tolist()):
         cols = slice(0, n) if side == "right" else slice(length - n, length)
-        item = {k: v[i:i + 1, cols].clone() for k, v in batch.items() if k not in IMAGE_KEYS}
+        item = {k: v[i:i + 1, cols].clone() for k, v in batch.items() if k not in (*IMAGE_KEYS, POSITION_KEY)}
+        if POSITION_KEY in batch:
+            item[POSITION_KEY] = batch[POSITION_KEY][:, i:i + 1, cols].clone()
         if patches is not None:
             item["pixel_values"] = batch["pixel_values"][offset:offset + patches[i]].clone()
             item["image_grid_thw"] = batch["image_grid_thw"][i:i + 1].clone()
@@ -117,6 +139,14 @@ def collate(items: Sequence[dict[str, torch.Tensor]], pad_id: int, side: str = "
         parts = [x[key] for x in items if key in x]
         if key in IMAGE_KEYS:
             out[key] = torch.cat(parts)
+            continue
+        if key == POSITION_KEY:  # [3, 1, L_i] -> [3, B, L], pads 0; only when every sample has its positions
+            if len(parts) == len(items):
+                batch = parts[0].new_zeros((parts[0].shape[0], len(parts), length))
+                for i, p in enumerate(parts):
+                    cols = slice(0, p.shape[-1]) if side == "right" else slice(length - p.shape[-1], length)
+                    batch[:, i, cols] = p[:, 0]
+                out[key] = batch
             continue
         fill = pad_id if key == "input_ids" else -100 if key == "labels" else 0
         batch = parts[0].new_full((len(parts), length), fill)
@@ -157,7 +187,8 @@ def prepare_dataset(data: Any, base: EditingModel, *, source_size: tuple[int, in
         chunk = data.edits[start:start + batch]
         prepared = [Prepared() for _ in chunk]
         if lm and not no_cot:
-            chats = split(lm_batch(processor, [(s.source, s.instruction, s.cot_text) for s in chunk], cpu), "right")
+            chats = split(with_position_ids(base.vlm, lm_batch(
+                processor, [(s.source, s.instruction, s.cot_text) for s in chunk], cpu)), "right")
             for p, chat in zip(prepared, chats, strict=True):
                 p.lm = chat
         if gen:
@@ -178,8 +209,8 @@ def prepare_dataset(data: Any, base: EditingModel, *, source_size: tuple[int, in
             _check_budget(size * len(data.edits) / len(chunk), len(data.edits))
     for start in range(0, len(data.understanding), batch):
         chunk = data.understanding[start:start + batch]
-        chats = split(lm_batch(processor, [(u.image, u.question, u.answer) for u in chunk], cpu), "right") if lm \
-            else [None] * len(chunk)
+        chats = split(with_position_ids(base.vlm, lm_batch(
+            processor, [(u.image, u.question, u.answer) for u in chunk], cpu)), "right") if lm else [None] * len(chunk)
         for u, chat in zip(chunk, chats, strict=True):
             u.prepared = Prepared(lm=chat)
             size += _nbytes(u.prepared, seen)
