@@ -137,8 +137,10 @@ def test_old_log_probs_are_recomputed_while_the_judge_works(tiny_sft_run, tiny_d
         assert row["time_old_logprob"] < 0.05 and row["time_reward_wait"] > 0.9, row
     else:
         assert row["time_old_logprob"] > 0.15, row  # a real forward pass over the window steps
-        # (sequential would wait the whole second; the reward thread shares the GIL, so allow it some slack)
-        assert row["time_reward_wait"] < 1.0 - 0.5 * row["time_old_logprob"], row
+        # Sequential would wait the whole second; overlapped, the wait is what is left of the second after the
+        # recompute, 0 once the recompute takes longer (a busy CI machine: 2.1 s). The reward thread shares the GIL,
+        # so allow half the recompute as slack, and never ask for less than half a second.
+        assert row["time_reward_wait"] < max(0.5, 1.0 - 0.5 * row["time_old_logprob"]), row
     assert row["ratio_mean"] == 1.0 or old == "rollout"
 
 
