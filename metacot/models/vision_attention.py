@@ -53,7 +53,6 @@ def grouped_varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor
     bounds = cu_seq_lens_q.tolist()  # one host sync per layer, as the per-piece loop's lengths.tolist()
     starts, lengths = bounds[:-1], [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     out = query.new_empty(heads, total, dim)
-    dropout_p = dropout if module is None or module.training else 0.0
     for length in sorted(set(lengths)):
         if length == 0:
             continue
@@ -65,7 +64,8 @@ def grouped_varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor
             idx = (torch.tensor(first, device=query.device)[:, None]
                    + torch.arange(length, device=query.device)).reshape(-1)
             qg, kg, vg = (t[:, idx].reshape(heads, len(first), length, dim).transpose(0, 1) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout_p, scale=scaling)  # [n, H, L, D]
+        # dropout: the caller already passes 0 outside training (transformers' attention modules do)
+        o = F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout, scale=scaling)  # [n, H, L, D]
         o = o.transpose(0, 1).reshape(heads, -1, dim)
         if idx is None:
             out = o
