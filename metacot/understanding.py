@@ -137,7 +137,7 @@ def load_understanding(folder: str | Path, *, device: Any = "cpu", dtype: torch.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from metacot.models.vision_attention import use_grouped_vision_attention
+    from metacot.models.vision_attention import use_grouped_vision_attention, use_uniform_grid_indices
 
     desc = describe_model_folder(folder)
     same = desc.shares_text_encoder and desc.adapters_on("understanding") == desc.adapters_on("pipeline/text_encoder")
@@ -145,6 +145,7 @@ def load_understanding(folder: str | Path, *, device: Any = "cpu", dtype: torch.
         return text_encoder
     vlm = AutoModelForImageTextToText.from_pretrained(desc.understanding, dtype=dtype)
     use_grouped_vision_attention(vlm)
+    use_uniform_grid_indices(vlm)
     vlm = merge_adapters(vlm, desc.root, desc.adapters_on("understanding")).to(device).eval().requires_grad_(False)
     return vlm, AutoProcessor.from_pretrained(desc.processor)
 

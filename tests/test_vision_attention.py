@@ -107,3 +107,44 @@ def test_a_saved_model_does_not_carry_the_choice(tiny_models, tmp_path) -> None:
     json.loads((tmp_path / "vlm" / "config.json").read_text())
     again = AutoModelForImageTextToText.from_pretrained(tmp_path / "vlm")
     assert again.model.visual.config._attn_implementation != NAME
+
+
+def test_uniform_grid_indices_equal_the_stock_per_image_loop(tiny_models) -> None:
+    """Same-grid batches: the tiled indices equal transformers' own (position ids, window index, both boundary
+    lists), the tower's output and gradients are unchanged, and a mixed-grid batch runs the stock code."""
+    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
+
+    from metacot.models.vision_attention import uniform_grid_indices, use_uniform_grid_indices
+
+    vlm, processor = _load(tiny_models)
+    use_grouped_vision_attention(vlm)
+    tower = vlm.model.visual
+    for sizes in ([(56, 56)] * 3, [(112, 112)] * 5, [(112, 84)] * 2):
+        pixels, grid = _vision_inputs(processor, sizes)
+        got = uniform_grid_indices(tower, tuple(grid[0].tolist()), len(sizes), grid.device)
+        index, cu_window = get_vision_window_index(grid, tower.spatial_merge_size, tower.window_size,
+                                                   tower.patch_size)
+        assert torch.equal(got["position_ids"], get_vision_position_ids(grid, tower.spatial_merge_size))
+        assert torch.equal(got["cu_seqlens"], get_vision_cu_seqlens(grid))
+        assert torch.equal(got["window_index"], index)
+        assert torch.equal(got["cu_window_seqlens"], cu_window)
+        assert got["max_window_seqlen"] == int((cu_window[1:] - cu_window[:-1]).max())
+
+    def run(pixels, grid):
+        vlm.zero_grad(set_to_none=True)
+        out = _tower_output(vlm, pixels, grid)
+        out.pow(2).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in tower.named_parameters() if p.grad is not None}
+
+    same = _vision_inputs(processor, [(112, 112)] * 4)
+    mixed = _vision_inputs(processor, [(56, 56), (112, 84)])
+    ref_same, ref_mixed = run(*same), run(*mixed)
+    assert use_uniform_grid_indices(vlm) == 1 and use_uniform_grid_indices(vlm) == 0
+    for ref, inputs, tiled in ((ref_same, same, True), (ref_mixed, mixed, False)):
+        calls = uniform_grid_indices.cache_info()
+        out, grads = run(*inputs)
+        after = uniform_grid_indices.cache_info()
+        assert (after.hits + after.misses > calls.hits + calls.misses) == tiled
+        assert torch.allclose(out, ref[0], atol=1e-6), (out - ref[0]).abs().max()
+        assert grads.keys() == ref[1].keys()
+        assert all(torch.allclose(grads[n], g, atol=1e-6) for n, g in ref[1].items())

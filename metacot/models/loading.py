@@ -118,11 +118,12 @@ def load_editing_model(
     )
     from transformers import AutoModelForImageTextToText
 
-    from metacot.models.vision_attention import use_grouped_vision_attention
+    from metacot.models.vision_attention import use_grouped_vision_attention, use_uniform_grid_indices
 
     path = check_model_folder(path)
     vlm = AutoModelForImageTextToText.from_pretrained(path / "text_encoder", dtype=dtype).to(device).eval()
     use_grouped_vision_attention(vlm)  # one attention call per layer, not per image window (same math, not saved)
+    use_uniform_grid_indices(vlm)  # same-grid batches: the tower's indices computed once, not per image
     transformer = QwenImageTransformer2DModel.from_pretrained(path / "transformer", torch_dtype=dtype).to(device)
     vae = AutoencoderKLQwenImage.from_pretrained(path / "vae", torch_dtype=dtype).to(device)
     return EditingModel(

@@ -131,9 +131,11 @@ def collate(items: Sequence[dict[str, torch.Tensor]], pad_id: int, side: str = "
 
     Token keys ``[1, L_i]`` are padded to the longest on ``side`` (``input_ids`` with ``pad_id``, ``labels`` with
     -100, the rest with 0); image keys (:data:`IMAGE_KEYS`) are concatenated in sample order, as the processor lays
-    out the patches of a batch. A key that no sample has is absent.
+    out the patches of a batch. A key that no sample has is absent. One padding call per key (``pad_sequence``), not
+    a copy per sample: a step at batch 256 collates about 1,000 such pieces.
     """
-    length = max(x["input_ids"].shape[1] for x in items)
+    from torch.nn.utils.rnn import pad_sequence
+
     out: dict[str, torch.Tensor] = {}
     for key in dict.fromkeys(k for x in items for k in x):
         parts = [x[key] for x in items if key in x]
@@ -142,20 +144,10 @@ def collate(items: Sequence[dict[str, torch.Tensor]], pad_id: int, side: str = "
             continue
         if key == POSITION_KEY:  # [3, 1, L_i] -> [3, B, L], pads 0; only when every sample has its positions
             if len(parts) == len(items):
-                batch = parts[0].new_zeros((parts[0].shape[0], len(parts), length))
-                for i, p in enumerate(parts):
-                    cols = slice(0, p.shape[-1]) if side == "right" else slice(length - p.shape[-1], length)
-                    batch[:, i, cols] = p[:, 0]
-                out[key] = batch
+                out[key] = pad_sequence([p[:, 0].T for p in parts], batch_first=True, padding_side=side).permute(2, 0, 1)
             continue
         fill = pad_id if key == "input_ids" else -100 if key == "labels" else 0
-        batch = parts[0].new_full((len(parts), length), fill)
-        for i, p in enumerate(parts):
-            if side == "right":
-                batch[i, :p.shape[1]] = p[0]
-            else:
-                batch[i, length - p.shape[1]:] = p[0]
-        out[key] = batch
+        out[key] = pad_sequence([p[0] for p in parts], batch_first=True, padding_value=fill, padding_side=side)
     return out
 
 
