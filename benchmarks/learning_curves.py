@@ -15,7 +15,10 @@ Run (CPU or one GPU; ``--models`` is a ``metacot models tiny`` pipeline folder, 
 
 Variant keys: ``name``, ``train`` (edit records trained on: 8 = the overfit set with an identity edit, else the
 first N training edits), ``steps``, ``eval`` (steps to sample at, ``:``-separated), ``heldout`` (held-out edits
-sampled, default 16), ``res`` (resolution, default 32), ``batch``; ``sft.KEY=VALUE`` is passed to the SFT config.
+sampled, default 16), ``res`` (resolution, default 32), ``batch``, ``seconds`` (stop after this much training time,
+evaluation excluded, then evaluate once more), ``final`` (1: write the run's ``final/`` model folder at the end, as
+``metacot sft`` does, for a Stage 2 run or ``metacot eval`` to start from); ``sft.KEY=VALUE`` is passed to the SFT
+config.
 Writes ``OUT/learning_curves.json`` and a grid PNG per variant (``grid_NAME.png``: source / edit / target rows for
 the training subset, then held-out), both rewritten after every evaluation, so a run stopped at its time limit
 keeps its last evaluation's samples.
@@ -45,8 +48,10 @@ def parse_variant(text: str) -> dict[str, Any]:
         key, _, value = item.partition("=")
         if key.startswith("sft."):
             spec["sft"].append(f"{key[4:]}={value}")
-        elif key in ("train", "steps", "heldout", "res", "batch"):
+        elif key in ("train", "steps", "heldout", "res", "batch", "final"):
             spec[key] = int(value)
+        elif key == "seconds":
+            spec[key] = float(value)
         else:
             spec[key] = value
     spec["eval"] = [int(x) for x in str(spec["eval"]).split(":") if x] or [spec["steps"]]
@@ -123,8 +128,9 @@ def run_variant(spec: dict[str, Any], args: argparse.Namespace, results: dict[st
     from metacot.training import release_accelerator
 
     res = spec["res"]
-    root = Path(args.out) / "work" / spec["name"]
-    data = _dataset(Path(args.out) / "work" / f"synth{res}", res, max(spec["train"], 64) * 2)
+    work = Path(args.work or Path(args.out) / "work")
+    root = work / spec["name"]
+    data = _dataset(work / f"synth{res}", res, max(spec["train"], 64) * 2)
     train_file = write_overfit_set(data, root / "data") if spec["train"] == 8 else _first_edits(data, spec["train"])
     cfg = load_config(SFTConfig, "tiny", [
         f"model={args.models}", f"data.train={train_file}", f"output_dir={root / 'run'}", f"data.resolution={res}",
@@ -141,22 +147,41 @@ def run_variant(spec: dict[str, Any], args: argparse.Namespace, results: dict[st
     results[spec["name"]] = entry
     t0 = time.perf_counter()
     losses: list[dict[str, float]] = []
+    train_s, evaluated = 0.0, -1
     try:
         while state.step < spec["steps"]:
             losses.append(T.train_step(state))
-            if state.step in spec["eval"]:
-                train_s = time.perf_counter() - t0
-                recent = losses[-10:]
-                row = {"step": state.step, "train_seconds": round(train_s, 1),
-                       **{k: sum(m.get(k, 0.0) for m in recent) / len(recent) for k in ("loss_und", "loss_gen")},
-                       **evaluate(state, sets, res, Path(args.out) / f"grid_{spec['name']}.png")}
-                entry["curve"].append(row)
-                print(json.dumps({"variant": spec["name"], **{k: round(v, 4) if isinstance(v, float) else v
-                                                              for k, v in row.items()}}), flush=True)
-                (Path(args.out) / "learning_curves.json").write_text(json.dumps(results, indent=2))
-                t0 += time.perf_counter() - t0 - train_s  # evaluation time is not training time
+            train_s += time.perf_counter() - t0
+            out_of_time = spec.get("seconds", 0) > 0 and train_s >= spec["seconds"]
+            if state.step in spec["eval"] or out_of_time or state.step == spec["steps"]:
+                _evaluate_row(state, spec, entry, sets, losses, train_s, res, args, results)
+                evaluated = state.step
+            if out_of_time:
+                break
+            t0 = time.perf_counter()  # evaluation time is not training time
+        if evaluated != state.step:
+            _evaluate_row(state, spec, entry, sets, losses, train_s, res, args, results)
+        if spec.get("final"):
+            from metacot.final import save_final
+
+            entry["final"] = str(save_final(state))
+            print(json.dumps({"variant": spec["name"], "final": entry["final"]}), flush=True)
     finally:
+        state.run.close()
         release_accelerator(state.accelerator)
+
+
+def _evaluate_row(state: Any, spec: dict[str, Any], entry: dict[str, Any], sets: dict[str, list[Any]],
+                  losses: list[dict[str, float]],
+                  train_s: float, res: int, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    recent = losses[-10:]
+    row = {"step": state.step, "train_seconds": round(train_s, 1), "s_per_step": round(train_s / max(1, len(losses)), 4),
+           **{k: sum(m.get(k, 0.0) for m in recent) / len(recent) for k in ("loss_und", "loss_gen")},
+           **evaluate(state, sets, res, Path(args.out) / f"grid_{spec['name']}.png")}
+    entry["curve"].append(row)
+    print(json.dumps({"variant": spec["name"], **{k: round(v, 4) if isinstance(v, float) else v
+                                                  for k, v in row.items()}}), flush=True)
+    (Path(args.out) / "learning_curves.json").write_text(json.dumps(results, indent=2))
 
 
 def _dataset(path: Path, res: int, n: int) -> Path:
@@ -182,6 +207,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--models", required=True, help="tiny pipeline folder (built there when missing)")
     parser.add_argument("--variant", action="append", required=True)
+    parser.add_argument("--work", default=None, help="scratch folder for data and runs (default OUT/work)")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--stack-dump", type=float, default=0,
                         help="every this many seconds, print every thread's stack to stderr (where a run hangs)")
     args = parser.parse_args()
@@ -194,8 +221,8 @@ def main() -> None:
         from metacot.models.tiny import build_tiny_editing_model
 
         build_tiny_editing_model(args.models, resolution=32, seed=0)
-    if args.device == "cpu":
-        torch.set_num_threads(1)
+    if args.threads or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
     results: dict[str, Any] = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
     for text in args.variant:
         spec = parse_variant(text)
