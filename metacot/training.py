@@ -182,7 +182,7 @@ def build_accelerator(train: TrainConfig, *, micro_batch: int, grad_accum: int) 
         # Some LoRA targets get no gradient in a step (e.g. the last block's text-stream output projections):
         # DDP must be told, or its second step fails.
         return Accelerator(mixed_precision=precision, cpu=train.resolved_device().type == "cpu",
-                           gradient_accumulation_steps=grad_accum,
+                           gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False,
                            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     handlers = []
     if train.resolved_device().type == "cpu":
@@ -190,8 +190,12 @@ def build_accelerator(train: TrainConfig, *, micro_batch: int, grad_accum: int) 
 
         # Without an explicit gloo group, accelerate + DeepSpeed on CPU tell every rank it is rank 0 of 1.
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    # step_scheduler_with_optimizer=False: the trainers step their schedule once per optimizer step, and their batch
+    # sizes are global. accelerate's default steps it num_processes times per call (it assumes per-process batches):
+    # on 8 GPUs warm-up and cosine decay would run 8x fast, ending the schedule an eighth into the run.
     return Accelerator(mixed_precision=precision, deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds),
-                       gradient_accumulation_steps=grad_accum, kwargs_handlers=handlers)
+                       gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False,
+                       kwargs_handlers=handlers)
 
 
 def release_accelerator(accelerator: Any) -> None:

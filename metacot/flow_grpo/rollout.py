@@ -71,23 +71,26 @@ def velocity(model: Any, transformer: Any, x: torch.Tensor, cond: Conditions, si
 @torch.no_grad()
 def sample_with_window(model: Any, transformer: Any, x: torch.Tensor, cond: Conditions, sigmas: Sequence[float],
                        window: Sequence[int], *, size: int, cfg_scale: float, noise_level: float, sde_type: str,
-                       generator: torch.Generator) -> Trajectory:
+                       generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> Trajectory:
     """Denoise ``x`` [B, N, C] from ``sigmas[0]`` to ``sigmas[-1]`` with SDE steps at ``window`` indices.
 
     Args:
         sigmas: the schedule, ``len = num_steps + 1``, decreasing to 0.
         window: step indices (0-based) that run the SDE and are stored.
+        generator: draws the SDE steps' noise, unless ``noise`` [len(window), B, N, C] gives it (one draw per window
+            step, in window order).
     """
     # Latents stay float32 all along (only the model input is cast to its dtype inside predict_velocity):
     # scoring a bf16-rounded latent moves the log-prob by more than the cps clip range.
     x = x.float()
     stored_x, stored_next, stored_lp = [], [], []
-    window_set = set(window)
+    slot = {step: j for j, step in enumerate(window)}
     for i in range(len(sigmas) - 1):
         v = velocity(model, transformer, x, cond, float(sigmas[i]), cfg_scale, size)
-        if i in window_set:
+        if i in slot:
             x_next, log_prob, _, _ = sde_step_with_logprob(v, x, float(sigmas[i]), float(sigmas[i + 1]),
-                                                           noise_level, generator=generator, sde_type=sde_type)
+                                                           noise_level, generator=generator, sde_type=sde_type,
+                                                           noise=None if noise is None else noise[slot[i]])
             stored_x.append(x)
             stored_next.append(x_next)
             stored_lp.append(log_prob)

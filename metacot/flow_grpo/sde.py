@@ -204,6 +204,7 @@ def sde_step_with_logprob(
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     sde_type: str = "sde",
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """One denoising step from sigma to sigma_next, sampled or scored, with the log-density of its output.
 
@@ -217,6 +218,8 @@ def sde_step_with_logprob(
             latent when recomputing log-probs under the current policy).
         generator: source of the Gaussian noise when sampling; must live on ``sample``'s device.
         sde_type: "sde" (Flow-GRPO) or "cps" (coefficients-preserving); see the module docstring.
+        noise: [B, ...] the standard Gaussian draw to sample with instead of one from ``generator`` (the rollout
+            draws it per group, so a sample's noise does not depend on how samples are split into ranks or batches).
 
     Returns:
         (prev_sample, log_prob, mean, std), all in float32 (float64 if an input is float64):
@@ -247,8 +250,11 @@ def sde_step_with_logprob(
     step = _sde_mean_std if sde_type == "sde" else _cps_mean_std
     mean, std = step(x, v, sigma_t, sigma_next_t, noise_level)
     if prev_sample is None:
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=dtype)
-        prev_sample = mean + std * noise
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=dtype)
+        elif noise.shape != x.shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, the sample {tuple(x.shape)}")
+        prev_sample = mean + std * noise.to(x.device, dtype)
     else:
         prev_sample = prev_sample.to(dtype)
     log_prob = gaussian_log_prob(prev_sample.detach(), mean, std)

@@ -349,17 +349,21 @@ def rollout(state: GRPOState, pool: ThreadPoolExecutor) -> dict[str, Any]:
     owner = torch.arange(len(prompts), device=state.device).repeat_interleave(G)  # prompt of each sample
     cond = cond.select(owner)
     res = cfg.data.resolution
-    gen = step_generator(cfg.train.seed, it, stream=1 + acc.process_index, device="cpu")
     seq, channels = _output_tokens(state), cond.image_latents.shape[2]
-    noise_shape = (len(prompts) if r.same_initial_noise else n, seq, channels)
-    x_init = torch.randn(noise_shape, generator=gen).to(state.device, cond.image_latents.dtype)
-    if r.same_initial_noise:
-        x_init = x_init[owner.cpu()]
     sigmas = [float(s) for s in sigma_schedule(state.base, r.num_steps, seq)]
     window = draw_window(r.num_steps, r.window_size, r.window_max, cfg.train.seed, it)
-    # The SDE noise is drawn where the latents live (sde_step_with_logprob needs a generator on their device; a CPU
-    # generator fails on GPU); its own stream keeps it independent of the initial noise drawn above.
-    sde_gen = step_generator(cfg.train.seed, it, stream=20_000 + acc.process_index, device=state.device)
+    # Every draw of a group (initial noise, then the SDE noise of each window step) comes from that group's own stream,
+    # keyed by its position in the iteration's prompt list: a sample gets the same noise whatever the number of ranks
+    # or the rollout batch size, so a run on N ranks repeats the 1-rank run (tests/test_multirank.py).
+    x_parts, sde_parts = [], []
+    for slot in range(acc.process_index, len(chosen), acc.num_processes):  # the positions of `mine` in `chosen`
+        gen = step_generator(cfg.train.seed, it, stream=1 + slot, device="cpu")
+        x_parts.append(torch.randn((1 if r.same_initial_noise else G, seq, channels), generator=gen))
+        sde_parts.append(torch.randn((len(window), G, seq, channels), generator=gen))
+    x_init = torch.cat(x_parts).to(state.device, cond.image_latents.dtype)
+    if r.same_initial_noise:
+        x_init = x_init[owner]
+    sde_noise = torch.cat(sde_parts, dim=1).to(state.device)
     policy = state.accelerator.unwrap_model(state.policy)
     state.policy.eval()  # sampling: no dropout (train_policy switches back); one compiled variant per mode
     trajs: list[Trajectory] = []
@@ -369,7 +373,7 @@ def rollout(state: GRPOState, pool: ThreadPoolExecutor) -> dict[str, Any]:
         idx = torch.arange(start, min(n, start + r.batch_size), device=state.device)
         traj = sample_with_window(state.base, policy, x_init[idx], cond.select(idx), sigmas, window, size=res,
                                   cfg_scale=r.cfg_scale, noise_level=r.noise_level, sde_type=r.sde_type,
-                                  generator=sde_gen)
+                                  noise=sde_noise[:, idx])
         trajs.append(traj)
         images = decode(state.base, traj.final, res, res)
         batch_prompts = [prompts[int(owner[i])] for i in idx.tolist()]

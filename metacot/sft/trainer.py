@@ -94,20 +94,22 @@ class Experts(torch.nn.Module):
         """
         out: dict[str, torch.Tensor] = {}
         if lm is not None:
-            out["loss_und"] = self.vlm(**lm).loss
+            lm = dict(lm)
+            live = lm.pop(LIVE, True)
+            loss = self.vlm(**lm).loss
+            # A stand-in (see rank_paths) runs the same modules as a real batch and contributes nothing.
+            out["loss_und" if live else "loss_und_stand_in"] = loss if live else loss * 0.0
         if gen:
-            total, count = 0.0, 0
+            total, count = 0.0, 0.0
             for g in gen:
                 pred = mmdit_velocity(self.transformer, g["hidden"], g["sigma"], g["cond"], g["mask"],
                                       g["img_shapes"], g["n_target"])
-                b = pred.shape[0]
-                if g.get("weight") is None:
-                    total = total + F.mse_loss(pred.float(), g["target"].float()) * b
-                else:  # per-sample weighted mean over tokens (edit_region_weight), then the mean over samples
-                    se = (pred.float() - g["target"].float()).pow(2).mean(-1)
-                    w = g["weight"]
-                    total = total + ((se * w).sum(1) / w.sum(1)).sum()
-                count += b
+                se = (pred.float() - g["target"].float()).pow(2).mean(-1)  # [b, N]
+                w = g.get("weight")  # per-sample weighted mean over tokens (edit_region_weight)
+                per_sample = se.mean(1) if w is None else (se * w).sum(1) / w.sum(1)
+                live = g.get(LIVE)  # [b]: 0 for stand-in rows
+                total = total + (per_sample if live is None else per_sample * live).sum()
+                count = count + (per_sample.shape[0] if live is None else live.sum())
             out["loss_gen"] = total / count
         return out
 
@@ -145,6 +147,42 @@ def draw_dropout_cases(n: int, cfg: SFTConfig, gen: torch.Generator) -> list[str
     p = cfg.cfg_dropout
     edges = [p.text, p.text + p.image, p.text + p.image + p.both]
     return ["text" if x < edges[0] else "image" if x < edges[1] else "both" if x < edges[2] else "none" for x in u]
+
+
+LIVE = "live"  # key of the lm batch (bool) and of each generation group ([b] 0/1) marking stand-ins
+
+
+def micro_paths(n_chats: int, cases: list[str]) -> set[str]:
+    """The model calls of one micro-batch: the LM pass ("lm"), the condition encoder's vision tower together with the
+    MMDiT on samples that keep the source image ("ctx"), the MMDiT on samples without it ("no_ctx")."""
+    paths = {"lm"} if n_chats else set()
+    if any(not DROP_FLAGS[c][1] for c in cases):
+        paths.add("ctx")
+    if any(DROP_FLAGS[c][1] for c in cases):
+        paths.add("no_ctx")
+    return paths
+
+
+def rank_paths(state: SFTState, step: int, micro: int, n_und: int) -> set[str]:
+    """The union of :func:`micro_paths` over every rank's micro-batch ``micro`` of ``step``.
+
+    Why: ZeRO-3 gathers a module's parameters with a collective whenever a rank enters it, so every rank must run
+    the same modules in the same order. CFG dropout is drawn per rank (its stream is the global micro-batch index), so
+    one rank may have no sample without the source image, or no chat for the LM loss, while another has; the first
+    would skip a call the second makes, and the collectives mismatch (gloo aborts: "Received data size doesn't match
+    expected size"). Each rank redraws every rank's dropout cases here (the first draw of their streams, no
+    communication), and :func:`build_inputs` adds a zero-weight stand-in for a path that only other ranks take.
+    """
+    cfg, world, accum = state.cfg, state.accelerator.num_processes, state.grad_accum
+    union: set[str] = set()
+    for r in range(world):
+        n = cfg.micro_batch_size
+        und = len(range(r, n_und, world)[micro::accum])
+        chats = (0 if cfg.no_cot else n) + und if _lm_loss(cfg) else 0
+        cases = draw_dropout_cases(n, cfg, step_generator(cfg.train.seed, step, stream=micro + r * accum)) \
+            if _gen_loss(cfg) else []
+        union |= micro_paths(chats, cases)
+    return union
 
 
 # -- orchestration ---------------------------------------------------------------------------------------------------
@@ -249,11 +287,14 @@ def _unwrapped(state: SFTState) -> Experts:
 
 
 def build_inputs(state: SFTState, edits: list[EditSample], und: list[UnderstandingSample], step: int,
-                 micro: int) -> tuple[dict[str, Any] | None, list[dict[str, Any]], dict[str, int]]:
+                 micro: int, paths: set[str] | None = None,
+                 ) -> tuple[dict[str, Any] | None, list[dict[str, Any]], dict[str, int]]:
     """Tokenise, encode latents and conditions, draw noise / sigma / dropout for one micro-batch.
 
     With ``data.preprocess`` the tokens, image patches and latents come from each sample's ``prepared`` cache
-    (``metacot.sft.prepare``) and are only collated here; the batch is the same either way.
+    (``metacot.sft.prepare``) and are only collated here; the batch is the same either way. ``paths``
+    (:func:`rank_paths`, several ranks): model calls some rank makes for this micro-batch; one this rank would not
+    make gets a zero-weight stand-in (a copy of its first sample), so every rank runs the same modules.
     """
     cfg, base, dev = state.cfg, state.base, state.device
     experts = _unwrapped(state)
@@ -262,37 +303,54 @@ def build_inputs(state: SFTState, edits: list[EditSample], und: list[Understandi
     lm = None
     if _lm_loss(cfg):
         chats = [s for s in edits if not cfg.no_cot] + list(und)
+        live = bool(chats)
+        if not chats and paths is not None and "lm" in paths:  # only without CoT: then edits bring no chats
+            chats = state.data.understanding[:1]
         if chats and cached:
             lm = {k: v.to(dev) for k, v in collate([s.prepared.lm for s in chats], tok.pad_token_id).items()}
         elif chats:
-            pairs = [(s.source, s.instruction, s.cot_text) for s in edits if not cfg.no_cot]
-            pairs += [(s.image, s.question, s.answer) for s in und]
-            lm = lm_batch(base.processor, pairs, dev)
+            lm = lm_batch(base.processor, [(s.source, s.instruction, s.cot_text) if isinstance(s, EditSample)
+                                           else (s.image, s.question, s.answer) for s in chats], dev)
+        if lm is not None and not live:
+            lm[LIVE] = False
+    stand_ins = int(lm is not None and not lm.get(LIVE, True))
     if not _gen_loss(cfg):
-        return lm, [], {}
+        return lm, [], {"stand_ins": stand_ins}
     gen = step_generator(cfg.train.seed, step, stream=micro)
     n = len(edits)
     cases = draw_dropout_cases(n, cfg, gen)
     sigma = sample_sigmas(n, cfg, gen, state.sigma_shift)
+    counts = {f"drop_{c}": sum(1 for x in cases if x == c) for c in DROP_CASES}
+    # Stand-ins: sample 0 again, with the image kept ("none") or left out ("image"), at zero loss weight.
+    have = micro_paths(0, cases)
+    extra = [c for p, c in (("ctx", "none"), ("no_ctx", "image")) if paths and p in paths and p not in have]
+    rows, cases = list(range(n)) + [0] * len(extra), cases + extra
+    counts["stand_ins"] = stand_ins + len(extra)
     src = state.source_size
-    contexts = [s.conditioning_image for s in edits]  # at the source latent size
+    contexts = [edits[i].conditioning_image for i in rows]  # at the source latent size
     inputs = None
     if cached:
         x0 = torch.stack([s.prepared.target for s in edits]).to(dev)
         ctx = torch.stack([s.prepared.context for s in edits]).to(dev)
-        inputs = collate([s.prepared.cond[c] for s, c in zip(edits, cases)], tok.pad_token_id, tok.padding_side)
+        inputs = collate([edits[i].prepared.cond[c] for i, c in zip(rows, cases)], tok.pad_token_id,
+                         tok.padding_side)
     else:
         with torch.no_grad():
             x0 = encode_latents(base, [s.target for s in edits]).to(dev)
             if any(img.size != (src[1], src[0]) for img in contexts):
                 contexts = resize_sources(base, contexts, *src)
-            ctx = encode_latents(base, contexts).to(dev)
+            ctx = encode_latents(base, contexts[:n]).to(dev)
     noise = torch.randn(x0.shape, generator=gen).to(dev, x0.dtype)
     sig = sigma.to(dev, x0.dtype).view(-1, 1, 1)
     x_t = (1 - sig) * x0 + sig * noise
     velocity = noise - x0
     weights = edit_token_weights(x0, ctx, cfg.edit_region_weight) if cfg.edit_region_weight > 0 else None
-    prompts = [NEGATIVE_PROMPT if DROP_FLAGS[c][0] else s.condition_prompt for s, c in zip(edits, cases)]
+    if extra:
+        r = torch.tensor(rows, device=dev)
+        x_t, velocity, ctx, sigma = x_t[r], velocity[r], ctx[r], sigma[rows]
+        weights = None if weights is None else weights[r]
+    live = torch.tensor([1.0] * n + [0.0] * len(extra), device=dev) if extra else None
+    prompts = [NEGATIVE_PROMPT if DROP_FLAGS[c][0] else edits[i].condition_prompt for i, c in zip(rows, cases)]
     drop_image = [DROP_FLAGS[c][1] for c in cases]
     encoder = experts.vlm
     grad_ok = cfg.understanding.trainable and cfg.train_vlm_through_conditions and cfg.condition_with_adapter
@@ -305,7 +363,7 @@ def build_inputs(state: SFTState, edits: list[EditSample], und: list[Understandi
     src_shape = image_shapes(base, *src)
     groups = []
     for with_ctx in (True, False):
-        idx = [i for i in range(n) if drop_image[i] != with_ctx]
+        idx = [i for i in range(len(rows)) if drop_image[i] != with_ctx]
         if not idx:
             continue
         ix = torch.tensor(idx, device=dev)
@@ -315,8 +373,8 @@ def build_inputs(state: SFTState, edits: list[EditSample], und: list[Understandi
                        "mask": None if m is None or bool(m.all()) else m,
                        "img_shapes": [[shape, src_shape] if with_ctx else [shape]] * len(idx),
                        "target": velocity[ix], "n_target": x0.shape[1],
-                       "weight": None if weights is None else weights[ix]})
-    counts = {f"drop_{c}": sum(1 for x in cases if x == c) for c in DROP_CASES}
+                       "weight": None if weights is None else weights[ix],
+                       LIVE: None if live is None else live[ix]})
     return lm, groups, counts
 
 
@@ -335,14 +393,16 @@ def train_step(state: SFTState) -> dict[str, float]:
     for micro in range(state.grad_accum):
         mb = edits[micro * cfg.micro_batch_size: (micro + 1) * cfg.micro_batch_size]
         ub = und[micro::state.grad_accum]
-        lm, groups, counts = build_inputs(state, mb, ub, state.step, micro + rank * state.grad_accum)
+        paths = rank_paths(state, state.step, micro, len(und_all)) if world > 1 else None
+        lm, groups, counts = build_inputs(state, mb, ub, state.step, micro + rank * state.grad_accum, paths)
         # accumulate(): accelerate (and through it DeepSpeed) treats only every grad_accum-th backward as a
         # gradient-accumulation boundary; without it every micro-batch would take an optimizer step.
         with acc.accumulate(state.experts):
             losses = state.experts(lm, groups)
-            loss = sum(w * losses[k] for k, w in (("loss_und", cfg.und_loss_weight),
+            loss = sum(w * losses[k] for k, w in (("loss_und", cfg.und_loss_weight), ("loss_und_stand_in", 1.0),
                                                   ("loss_gen", cfg.gen_loss_weight)) if k in losses)
             acc.backward(loss)
+        losses.pop("loss_und_stand_in", None)
         for k, v in {**{k: float(v.detach()) for k, v in losses.items()}, "loss": float(loss.detach()),
                      **counts}.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -352,9 +412,25 @@ def train_step(state: SFTState) -> dict[str, float]:
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
     state.step += 1
-    metrics = {k: (v if k.startswith("drop_") else v / state.grad_accum) for k, v in sums.items()}
+    metrics = {k: (v if k in COUNT_METRICS else v / state.grad_accum) for k, v in sums.items()}
+    if world > 1:
+        metrics = reduce_metrics(acc, metrics, state.device)
     metrics["lr"] = float(state.scheduler.get_last_lr()[-1])
     return metrics
+
+
+STEP_METRICS = ("loss", "loss_und", "loss_gen", *(f"drop_{c}" for c in DROP_CASES), "stand_ins")
+COUNT_METRICS = frozenset(STEP_METRICS[3:])  # summed over micro-batches and ranks; the losses are averaged
+
+
+def reduce_metrics(acc: Any, metrics: dict[str, float], device: torch.device) -> dict[str, float]:
+    """A step's metrics over all ranks (one collective): losses averaged over the ranks that have them, counts
+    summed. Without it a multi-rank run would log rank 0's share of the batch only."""
+    keys = list(STEP_METRICS)
+    local = torch.tensor([[metrics.get(k, 0.0), float(k in metrics)] for k in keys], dtype=torch.float64,
+                         device=device)
+    total = acc.reduce(local, reduction="sum").tolist()
+    return {k: (v if k in COUNT_METRICS else v / n) for k, (v, n) in zip(keys, total) if n}
 
 
 def maybe_save_checkpoint(state: SFTState, force: bool = False) -> Path | None:
