@@ -330,7 +330,8 @@ def save_checkpoint(accelerator: Any, run: Any, step: int, extra: dict[str, Any]
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
+            layout = {"world_size": accelerator.num_processes, "distributed": accelerator.distributed_type.name}
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **layout, **extra}, indent=2))
             if write_extra is not None:
                 write_extra(tmp)
         accelerator.wait_for_everyone()
@@ -343,9 +344,26 @@ def save_checkpoint(accelerator: Any, run: Any, step: int, extra: dict[str, Any]
 
 
 def load_training_state(accelerator: Any, source: Path) -> dict[str, Any]:
-    """Restore what :func:`save_checkpoint` wrote; returns its ``trainer_state.json`` dict."""
+    """Restore what :func:`save_checkpoint` wrote; returns its ``trainer_state.json`` dict.
+
+    Raises:
+        metacot.run.RunError: a DeepSpeed checkpoint written by another number of ranks. Its optimizer states are
+            partitioned per rank (ZeRO-2 and ZeRO-3), and loading them on another layout fails deep inside DeepSpeed
+            with a tensor-size mismatch; refused here with the way out instead.
+    """
+    from metacot.run import RunError
+
+    state = json.loads((source / "trainer_state.json").read_text())
+    saved, now = state.get("world_size"), accelerator.num_processes
+    if accelerator.distributed_type.name == "DEEPSPEED" and saved is not None and saved != now:
+        raise RunError(
+            f"{source} was written by {saved} ranks with DeepSpeed, and this run has {now}: DeepSpeed partitions the "
+            f"optimizer states per rank, so they cannot be loaded on another number of ranks. Resume with "
+            f"{saved} processes (nodes x GPUs per node), or export these weights (metacot export RUN --step "
+            f"{state.get('step')}) and start a new run from them on {now} ranks (model=<the export>, "
+            f"train.resume=false)")
     accelerator.load_state(str(source))
-    return json.loads((source / "trainer_state.json").read_text())
+    return state
 
 
 def claim_run_folder(output_dir: str | Path) -> Any:

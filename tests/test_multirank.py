@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -65,13 +66,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(ranks: int, module: str, args: list[str], out: Path) -> Path:
+def launch(ranks: int, module: str, args: list[str], out: Path, *, expect_rc: int = 0) -> Path:
     """``accelerate launch`` of a stage CLI on ``ranks`` CPU processes; returns ``out`` (the run folder)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "launch" / "accelerate" / "deepspeed.yaml"), "--num_processes", str(ranks), "--num_machines", "1",
            "--main_process_port", str(_free_port()), "-m", module, "--config", "tiny", *args, f"output_dir={out}"]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    if expect_rc:
+        assert proc.returncode != 0, f"{ranks}-rank {module} was expected to fail"
+        (out / "stderr.txt").write_text(proc.stderr)
+        return out
     assert proc.returncode == 0, f"{ranks}-rank {module} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return out
 
@@ -91,8 +96,10 @@ def assert_same_run(a: Path, b: Path, losses: tuple[str, ...]) -> None:
 def sft_runs(tiny_models, tiny_dataset: Path, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("multirank_sft")
     args = [f"model={tiny_models.pipeline}", f"data.train={tiny_dataset / 'train.jsonl'}", *SFT]
-    return {name: launch(ranks, "metacot.sft.cli", args + [f"train.deepspeed={zero}"], root / name)
-            for name, ranks, zero in (("one", 1, "zero2"), ("zero2", 2, "zero2"), ("zero3", 2, "zero3"))}
+    runs = {name: launch(ranks, "metacot.sft.cli", args + [f"train.deepspeed={zero}"], root / name)
+            for name, ranks, zero in (("one", 1, "zero2"), ("zero2", 2, "zero2"))}
+    runs["zero3"] = launch(2, "metacot.sft.cli", args + ["train.deepspeed=zero3", "train.save_every=3"], root / "zero3")
+    return runs
 
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
@@ -128,3 +135,21 @@ def test_grpo_on_two_ranks_zero3_repeats_the_one_rank_run(sft_runs: dict[str, Pa
         for key in ("reward_mean", "reward_std", "adv_abs_mean", "n_scored"):
             assert abs(x[key] - y[key]) <= TOLERANCE, (x["step"], key, x[key], y[key])
     assert json.loads((two / "final" / "metacot.json").read_text())
+
+
+def test_a_two_rank_zero3_checkpoint_resumes_on_two_ranks_and_is_refused_on_one(
+        sft_runs: dict[str, Path], tiny_models, tiny_dataset: Path, tmp_path: Path) -> None:
+    """Resumed from its step-3 checkpoint to step 5 on 2 ranks, the run ends where an uninterrupted 1-rank run of 5
+    steps ends. On 1 rank the partitioned optimizer states cannot load: refused with the way out, folder unchanged."""
+    run = tmp_path / "run"
+    shutil.copytree(sft_runs["zero3"], run)
+    args = [f"model={tiny_models.pipeline}", f"data.train={tiny_dataset / 'train.jsonl'}", *SFT, "train.max_steps=5",
+            "train.deepspeed=zero3", "train.resume=true"]
+    launch(1, "metacot.sft.cli", args, run, expect_rc=1)
+    err = (run / "stderr.txt").read_text()
+    assert "written by 2 ranks with DeepSpeed, and this run has 1" in err and "Resume with 2 processes" in err, err
+    assert len(metrics(run)) == 3
+    launch(2, "metacot.sft.cli", args, run)
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5]
+    one = launch(1, "metacot.sft.cli", args[:-2] + ["train.deepspeed=zero2"], tmp_path / "one")
+    assert max_difference(one / "final", run / "final") <= TOLERANCE
