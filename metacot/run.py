@@ -55,6 +55,9 @@ LEFTOVER_PREFIXES = (".tmp-", ".trash-", ".old-")
 log = logging.getLogger(__name__)
 
 
+WANDB_ID_FILE = "wandb_id.txt"  # the run folder's wandb run id, so that every resume continues that run
+
+
 class RunError(RuntimeError):
     """A run folder is in a state that the requested action cannot use; the message says what to do."""
 
@@ -361,10 +364,19 @@ class Run:
         import wandb  # lazy: optional heavy dependency
 
         os.environ.setdefault("WANDB_SILENT", "true")
+        # A resumed run (same folder: requeue, crash, another node) continues the same wandb run: its id is kept in
+        # the run folder. wandb drops re-logged steps at or below its last one (the steps between the resume point
+        # and the crash); metrics.jsonl holds them.
+        id_file = self.root / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else None
         self._wandb = wandb.init(
             project=project, mode=mode, dir=str(self.root), name=name or self.root.name, config=to_dict(self.cfg),
-            reinit="finish_previous",
+            reinit="finish_previous", id=run_id, resume="allow" if run_id else None,
         )
+        if run_id is None:
+            tmp = id_file.with_name(f".tmp-{WANDB_ID_FILE}-{os.getpid()}")
+            tmp.write_text(self._wandb.id + "\n")
+            tmp.replace(id_file)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """All rows of ``metrics.jsonl``, in order."""

@@ -44,6 +44,27 @@ def test_metrics_and_config(tmp_path: Path) -> None:
     assert "lr: 0.1" in (tmp_path / "r" / "config.yaml").read_text()
 
 
+def test_a_resumed_run_continues_its_wandb_run(tmp_path: Path) -> None:
+    """wandb offline: the resumed run folder logs into the same wandb run id, stored in the folder."""
+    run = Run(tmp_path / "r", Cfg())
+    run.init_wandb("metacot-test", mode="offline")
+    run.log(1, loss=0.5)
+    first = run._wandb.id
+    run.close()
+    assert (tmp_path / "r" / "wandb_id.txt").read_text().strip() == first
+    again = Run(tmp_path / "r", Cfg(), resume=True)
+    again.init_wandb("metacot-test", mode="offline")
+    assert again._wandb.id == first
+    again.log(2, loss=0.25)
+    again.close()
+    other = Run(tmp_path / "other", Cfg())
+    other.init_wandb("metacot-test", mode="offline")
+    assert other._wandb.id != first
+    other.close()
+    offline = sorted(p.name for p in (tmp_path / "r" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(name.endswith(first) for name in offline), offline
+
+
 def test_checkpoint_is_atomic_and_latest_is_complete(tmp_path: Path) -> None:
     run = Run(tmp_path / "r", Cfg())
     with run.checkpoint(1) as d:
