@@ -153,3 +153,12 @@ def test_a_two_rank_zero3_checkpoint_resumes_on_two_ranks_and_is_refused_on_one(
     assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5]
     one = launch(1, "metacot.sft.cli", args[:-2] + ["train.deepspeed=zero2"], tmp_path / "one")
     assert max_difference(one / "final", run / "final") <= TOLERANCE
+
+
+def test_sft_on_four_ranks_zero3_repeats_the_one_rank_run(tiny_models, tiny_dataset: Path, tmp_path: Path) -> None:
+    """4 ranks of one sample each against one process accumulating the same 4 micro-batches."""
+    args = [f"model={tiny_models.pipeline}", f"data.train={tiny_dataset / 'train.jsonl'}", *SFT, "micro_batch_size=1"]
+    one = launch(1, "metacot.sft.cli", args + ["train.deepspeed=zero2"], tmp_path / "one")
+    four = launch(4, "metacot.sft.cli", args + ["train.deepspeed=zero3"], tmp_path / "four")
+    assert_same_run(one, four, ("loss", "loss_und", "loss_gen"))
+    assert sum(m["stand_ins"] for m in metrics(four)) > 0
