@@ -198,6 +198,40 @@ def build_accelerator(train: TrainConfig, *, micro_batch: int, grad_accum: int) 
                        kwargs_handlers=handlers)
 
 
+class RankFailure(RuntimeError):
+    """Another rank failed a step that every rank must finish; this rank stopped too instead of waiting for it."""
+
+
+def on_every_rank(what: str, fn: Callable[[], Any], device: torch.device | str = "cpu") -> Any:
+    """Run ``fn`` here, then agree with every rank that it succeeded everywhere (one all-reduce) before any rank
+    goes on to the next collective.
+
+    Why: a rank whose ``fn`` raised (a judge that stopped answering) would leave the others blocked in their next
+    gather until the backend's timeout (NCCL: 10+ minutes; across nodes nobody kills them). With the agreement every
+    rank stops at once: the failing rank with its own error, the others with :class:`RankFailure` naming it.
+    ``device``: where the flag tensor lives (the process group's device: CUDA for NCCL).
+    """
+    import torch.distributed as dist
+
+    error: BaseException | None = None
+    result = None
+    try:
+        result = fn()
+    except Exception as exc:  # re-raised below, after the other ranks know
+        error = exc
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flags = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=device)
+        flags[dist.get_rank()] = int(error is not None)
+        dist.all_reduce(flags)
+        failed = [r for r, f in enumerate(flags.tolist()) if f]
+        if failed and error is None:
+            raise RankFailure(f"{what} failed on rank(s) {failed}; rank {dist.get_rank()} stops too rather than wait "
+                              f"for them in the next collective (the cause is in rank {failed[0]}'s error)")
+    if error is not None:
+        raise error
+    return result
+
+
 def release_accelerator(accelerator: Any) -> None:
     """Free an accelerator's engines and reset accelerate's process-wide state (so a second run can start
     in the same process, as the tests and the quickstart do)."""

@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -162,3 +163,43 @@ def test_sft_on_four_ranks_zero3_repeats_the_one_rank_run(tiny_models, tiny_data
     four = launch(4, "metacot.sft.cli", args + ["train.deepspeed=zero3"], tmp_path / "four")
     assert_same_run(one, four, ("loss", "loss_und", "loss_gen"))
     assert sum(m["stand_ins"] for m in metrics(four)) > 0
+
+
+def _agree_after_a_failure(rank: int, port: int, queue: Any) -> None:
+    """One rank of a real 2-process gloo group: rank 1's scoring raises, rank 0's succeeds."""
+    import torch
+    import torch.distributed as dist
+
+    from metacot.training import RankFailure, on_every_rank
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        def score() -> str:
+            if rank == 1:
+                raise TimeoutError("the judge did not answer within judge.timeout_s")
+            return "scored"
+
+        on_every_rank("collecting the rewards of iteration 3", score)
+        dist.all_reduce(torch.ones(1))  # the gather that rank 0 would otherwise wait in for a dead rank 1
+        queue.put((rank, "went on"))
+    except (RankFailure, TimeoutError) as exc:
+        queue.put((rank, f"{type(exc).__name__}: {exc}"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_failure_on_one_rank_stops_every_rank_with_one_cause() -> None:
+    """A judge failure on rank 1 (raised in the agreed block, as collect_rewards raises it): rank 1 stops with it,
+    rank 0 stops with RankFailure naming rank 1, and neither goes on to the next collective."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), _free_port()
+    procs = [ctx.Process(target=_agree_after_a_failure, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(queue.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert got[1] == "TimeoutError: the judge did not answer within judge.timeout_s"
+    assert got[0].startswith("RankFailure: collecting the rewards of iteration 3 failed on rank(s) [1]; rank 0 stops")

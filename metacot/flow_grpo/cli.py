@@ -20,11 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     from metacot.flow_grpo.config import GRPOConfig
     from metacot.flow_grpo.gate import CalibrationGateError
     from metacot.flow_grpo.trainer import UnscoredError, train
+    from metacot.training import RankFailure
     from rewards.client import JudgeError
 
     return run_stage(argv, prog="metacot grpo", doc=__doc__, schema=GRPOConfig, stage="grpo", train=train,
                      refusals=(CalibrationGateError, DataError, ValueError, FileNotFoundError, TimeoutError,
-                               JudgeError, UnscoredError))
+                               JudgeError, UnscoredError, RankFailure))
 
 
 if __name__ == "__main__":  # pragma: no cover - used by `accelerate launch -m metacot.flow_grpo.cli`

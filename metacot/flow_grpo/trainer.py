@@ -84,6 +84,7 @@ from metacot.training import (
     epoch_batch_indices,
     load_training_state,
     lr_lambda,
+    on_every_rank,
     plot_metrics,
     prepare_expert,
     progress_bar,
@@ -642,7 +643,8 @@ def iteration_step(state: GRPOState, pool: ThreadPoolExecutor) -> dict[str, Any]
     t1 = time.perf_counter()
     old = old_log_probs(state, ro)  # needs no reward: overlaps the judge's last batch
     t_old = time.perf_counter() - t1
-    collect_rewards(state, ro)
+    on_every_rank(f"collecting the rewards of iteration {state.iteration}", lambda: collect_rewards(state, ro),
+                  state.device)  # before the rewards are gathered: a judge failure on one rank stops them all
     adv, adv_stats = compute_advantages(state, ro)
     t2 = time.perf_counter()
     share = 1.0 - adv_stats["reward_none"] / state.cfg.samples_per_iteration
