@@ -466,9 +466,25 @@ def progress_bar(train: TrainConfig, accelerator: Any, initial: int, desc: str) 
     return tqdm(total=train.max_steps, initial=initial, desc=desc, dynamic_ncols=True)
 
 
-def stop_if_requested(stop: "StopFlag", run: Any, step: int, save: Callable[[], Path | None]) -> None:
-    """At a step boundary: if a stop signal arrived, checkpoint (``save``), log it and raise :class:`Preempted`."""
-    if not stop.requested:
+def stop_if_requested(stop: "StopFlag", run: Any, step: int, save: Callable[[], Path | None],
+                      device: torch.device | str = "cpu") -> None:
+    """At a step boundary: if a stop signal arrived on any rank, checkpoint (``save``), log it and raise
+    :class:`Preempted`.
+
+    Several ranks agree first (one all-reduce of the flag per step; ``device``: the process group's device). A signal
+    reaches the ranks at slightly different times; a rank that saw it one boundary before another would enter the
+    collective save while the other enters the next step's collectives, and both would hang or abort.
+    """
+    import torch.distributed as dist
+
+    requested = stop.requested
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([int(requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        requested = bool(flag.item())
+        if requested and stop.signal_name is None:
+            stop.signal_name = "a signal on another rank"
+    if not requested:
         return
     checkpoint = save() or run.latest_checkpoint()
     run.log(step, stopped_by=stop.signal_name)

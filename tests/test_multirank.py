@@ -67,12 +67,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(ranks: int, module: str, args: list[str], out: Path, *, expect_rc: int = 0) -> Path:
-    """``accelerate launch`` of a stage CLI on ``ranks`` CPU processes; returns ``out`` (the run folder)."""
+def launch(ranks: int, module: str, args: list[str], out: Path, *, expect_rc: int = 0,
+           env: dict[str, str] | None = None) -> Path:
+    """``accelerate launch`` of a stage CLI (a module, or a script path ending in .py) on ``ranks`` CPU processes;
+    returns ``out`` (the run folder)."""
+    target = [module] if module.endswith(".py") else ["-m", module]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "launch" / "accelerate" / "deepspeed.yaml"), "--num_processes", str(ranks), "--num_machines", "1",
-           "--main_process_port", str(_free_port()), "-m", module, "--config", "tiny", *args, f"output_dir={out}"]
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+           "--main_process_port", str(_free_port()), *target, "--config", "tiny", *args, f"output_dir={out}"]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
+           **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if expect_rc:
         assert proc.returncode != 0, f"{ranks}-rank {module} was expected to fail"
@@ -203,3 +207,19 @@ def test_a_failure_on_one_rank_stops_every_rank_with_one_cause() -> None:
         p.join(timeout=60)
     assert got[1] == "TimeoutError: the judge did not answer within judge.timeout_s"
     assert got[0].startswith("RankFailure: collecting the rewards of iteration 3 failed on rank(s) [1]; rank 0 stops")
+
+
+def test_a_signal_on_one_rank_stops_both_at_one_boundary_and_the_run_resumes(
+        sft_runs: dict[str, Path], tiny_models, tiny_dataset: Path, tmp_path: Path) -> None:
+    """SIGUSR1 reaches rank 1 only, after step 1: both ranks save step 1 together and stop (without the agreement,
+    rank 1 entered the collective save while rank 0 entered step 2); resumed on 2 ranks, the run ends with the
+    uninterrupted 1-rank run's weights."""
+    args = [f"model={tiny_models.pipeline}", f"data.train={tiny_dataset / 'train.jsonl'}", *SFT,
+            "train.deepspeed=zero3"]
+    run = launch(2, str(REPO / "tests" / "signal_one_rank.py"), args, tmp_path / "run", expect_rc=1,
+                 env={"METACOT_TEST_SIGNAL": "1:1"})
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-")) == ["step-1"]
+    assert [m.get("stopped_by") for m in metrics(run) if "stopped_by" in m] == ["a signal on another rank"]
+    assert not (run / "final").exists()
+    launch(2, "metacot.sft.cli", args + ["train.resume=true"], run)
+    assert max_difference(sft_runs["one"] / "final", run / "final") <= TOLERANCE

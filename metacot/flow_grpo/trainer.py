@@ -712,7 +712,8 @@ def train(cfg: GRPOConfig) -> Path:
             # Every rank evaluates (a ZeRO-3 forward is collective); only the main rank writes.
             state.run.log(0, **evaluate(state))
         while state.iteration < cfg.train.max_steps and not _out_of_time(state):
-            stop_if_requested(stop, state.run, state.iteration, lambda: maybe_save_checkpoint(state, force=True))
+            stop_if_requested(stop, state.run, state.iteration, lambda: maybe_save_checkpoint(state, force=True),
+                              state.device)
             metrics = iteration_step(state, pool)
             every = cfg.eval.every
             last = state.iteration == cfg.train.max_steps or _out_of_time(state)

@@ -462,7 +462,8 @@ def train(cfg: SFTConfig) -> Path:
     stop = StopFlag()
     try:
         while state.step < cfg.train.max_steps:
-            stop_if_requested(stop, state.run, state.step, lambda: maybe_save_checkpoint(state, force=True))
+            stop_if_requested(stop, state.run, state.step, lambda: maybe_save_checkpoint(state, force=True),
+                              state.device)
             metrics = train_step(state)
             if acc.is_main_process and (state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps):
                 state.run.log(state.step, **metrics, samples_per_s=(state.step - first) * cfg.batch_size
