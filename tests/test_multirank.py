@@ -223,3 +223,20 @@ def test_a_signal_on_one_rank_stops_both_at_one_boundary_and_the_run_resumes(
     assert not (run / "final").exists()
     launch(2, "metacot.sft.cli", args + ["train.resume=true"], run)
     assert max_difference(sft_runs["one"] / "final", run / "final") <= TOLERANCE
+
+
+def test_an_export_missing_a_ranks_shard_is_refused_and_writes_nothing(sft_runs: dict[str, Path],
+                                                                      tmp_path: Path) -> None:
+    from metacot.export.exporter import export_run
+    from metacot.export.source import ExportError
+
+    run = tmp_path / "run"
+    shutil.copytree(sft_runs["zero3"], run)
+    shard = next((run / "checkpoints" / "step-3").rglob("zero_pp_rank_1_*_optim_states.pt"))
+    shard.unlink()
+    with pytest.raises(ExportError, match="optimizer-state shards .* a rank's shard is missing"):
+        export_run(run, tmp_path / "out", step=3)
+    next((run / "checkpoints" / "step-3").rglob("zero_pp_rank_1_*_model_states.pt")).unlink()
+    with pytest.raises(ExportError, match="do not form a complete checkpoint"):
+        export_run(run, tmp_path / "out", step=3)
+    assert not (tmp_path / "out").exists()

@@ -164,8 +164,18 @@ def read_checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
                           f"the checkpoint was not written by a metacot trainer")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    shards = sorted(p.name for p in (ckpt / tag).glob("*_model_states.pt"))
+    optim = sorted(p.name for p in (ckpt / tag).glob("*_optim_states.pt"))
+    if len(optim) != len(shards):  # one model-state and one optimizer-state file per rank
+        raise ExportError(f"{ckpt / tag}: {len(shards)} ranks' model states but {len(optim)} optimizer-state shards "
+                          f"({', '.join(optim) or 'none'}); a rank's shard is missing, so no complete weights can be "
+                          f"rebuilt. Export another checkpoint (--step) or final/; nothing was written")
     with contextlib.redirect_stdout(sys.stderr):  # it reports progress on stdout; keep the CLI's stdout for results
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
+        try:
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
+        except (ValueError, FileNotFoundError) as exc:  # DeepSpeed's own check of the shards it expects
+            raise ExportError(f"{ckpt / tag}: the DeepSpeed shards do not form a complete checkpoint ({exc}); export "
+                              f"another checkpoint (--step) or final/; nothing was written") from exc
 
 
 class _SavedState:
