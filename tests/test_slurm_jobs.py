@@ -226,10 +226,10 @@ def test_two_node_sft_meets_at_the_first_node(slurm_2n: LocalCluster, tiny_model
                                               tmp_path: Path, capsys) -> None:
     run = tmp_path / "two-nodes"
     overrides = sft_overrides(tiny_models, tiny_dataset, run, steps=2, save_every=0)
-    # Plain accelerate (gloo) across the nodes: on CPU, accelerate 1.15 gives every DeepSpeed rank process_index 0
-    # unless the trainer asks for the gloo backend (reported to the lead); GPU nodes use NCCL and are not affected.
+    # DeepSpeed ZeRO-3 across the two nodes (one CPU rank each, gloo: the trainer asks for it on CPU, without which
+    # accelerate 1.15 gives every DeepSpeed rank process_index 0); GPU nodes use NCCL.
     [(_, job_id, log)] = submit(capsys, "sft", "--config", "tiny", "--nodes", "2", *JOB, *overrides,
-                                "batch_size=4", "train.deepspeed=none")
+                                "batch_size=4", "train.deepspeed=zero3")
     info = job_end(slurm_2n, job_id, log)
     assert info["JobState"] == "COMPLETED", info["log_text"][-3000:]
     text = info["log_text"]
