@@ -175,7 +175,8 @@ def _evaluate_row(state: Any, spec: dict[str, Any], entry: dict[str, Any], sets:
                   losses: list[dict[str, float]],
                   train_s: float, res: int, args: argparse.Namespace, results: dict[str, Any]) -> None:
     recent = losses[-10:]
-    row = {"step": state.step, "train_seconds": round(train_s, 1), "s_per_step": round(train_s / max(1, len(losses)), 4),
+    row = {"step": state.step, "train_seconds": round(train_s, 1),
+           "s_per_step": round(train_s / max(1, len(losses)), 4),
            **{k: sum(m.get(k, 0.0) for m in recent) / len(recent) for k in ("loss_und", "loss_gen")},
            **evaluate(state, sets, res, Path(args.out) / f"grid_{spec['name']}.png")}
     entry["curve"].append(row)

@@ -144,7 +144,8 @@ def collate(items: Sequence[dict[str, torch.Tensor]], pad_id: int, side: str = "
             continue
         if key == POSITION_KEY:  # [3, 1, L_i] -> [3, B, L], pads 0; only when every sample has its positions
             if len(parts) == len(items):
-                out[key] = pad_sequence([p[:, 0].T for p in parts], batch_first=True, padding_side=side).permute(2, 0, 1)
+                padded = pad_sequence([p[:, 0].T for p in parts], batch_first=True, padding_side=side)  # [B, L, 3]
+                out[key] = padded.permute(2, 0, 1)
             continue
         fill = pad_id if key == "input_ids" else -100 if key == "labels" else 0
         out[key] = pad_sequence([p[0] for p in parts], batch_first=True, padding_value=fill, padding_side=side)

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from metacot.final import save_final
 from metacot.models.conditioning import NEGATIVE_PROMPT, encode_conditions
