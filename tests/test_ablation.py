@@ -62,6 +62,9 @@ def test_parallel_workers_split_the_cores_unless_the_user_chose() -> None:
 
     assert worker_env(5, {"PATH": "/bin"}, cpus=16) == {"PATH": "/bin", "OMP_NUM_THREADS": "3"}
     assert worker_env(32, {}, cpus=16)["OMP_NUM_THREADS"] == "1"
+    inherited = {"PATH": "/bin", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "41629"}  # what an earlier in-process run leaves in this process
+    assert worker_env(2, inherited, cpus=2) == {"PATH": "/bin", "OMP_NUM_THREADS": "1"}
     assert worker_env(2, {"OMP_NUM_THREADS": "6"}, cpus=16)["OMP_NUM_THREADS"] == "6"
 
 

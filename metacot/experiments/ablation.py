@@ -171,15 +171,20 @@ def _sft(q: AblationConfig, out: Path, arm: str) -> None:
                       stage="sft"))
 
 
+PROCESS_GROUP_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def worker_env(parallel: int, environ: dict[str, str] | None = None, cpus: int | None = None) -> dict[str, str]:
     """The environment of one of ``parallel`` Stage 1 worker processes: the machine's cores split between them.
 
     Each PyTorch process otherwise starts one intra-op thread per core; ``parallel`` of them during the host-side
     preprocessing oversubscribe the CPU (on the H200 machine two such processes printed nothing past model loading
     in 545 s, where one alone preprocessed the same data in 75 s: benchmarks/NOTES.md, session 4). A thread count
-    the user set (``OMP_NUM_THREADS``) is kept.
+    the user set (``OMP_NUM_THREADS``) is kept. The process-group variables of this process (``RANK``,
+    ``MASTER_PORT``, ...: set once an in-process run has started) are left out: each worker is its own world of one
+    and picks its own port; inherited, two workers bound the same port (EADDRINUSE).
     """
-    env = dict(os.environ if environ is None else environ)
+    env = {k: v for k, v in (os.environ if environ is None else environ).items() if k not in PROCESS_GROUP_VARS}
     if not env.get("OMP_NUM_THREADS"):
         env["OMP_NUM_THREADS"] = str(max(1, (cpus or os.cpu_count() or 1) // parallel))
     return env
